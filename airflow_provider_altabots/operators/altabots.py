@@ -1,0 +1,276 @@
+"""The operator that runs an AltaBots workflow as a task and hands its output to the next one."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from airflow.providers.common.compat.sdk import BaseOperator, ResumableJobMixin, conf, mask_secret
+
+from airflow_provider_altabots import protocol
+from airflow_provider_altabots.exceptions import (
+    AltaBotsApiError,
+    AltaBotsInvokeUncertain,
+    AltaBotsTransientError,
+)
+from airflow_provider_altabots.hooks.altabots import AltaBotsHook
+from airflow_provider_altabots.polling import (
+    DEFAULT_MAX_CONSECUTIVE_FAILURES,
+    DEFAULT_MAX_POLL_INTERVAL,
+    DEFAULT_POLL_INTERVAL,
+    DEFAULT_TIMEOUT,
+    PollPolicy,
+    RunWatch,
+    call_with_retries,
+    deadline_after,
+    wait_for_run,
+)
+from airflow_provider_altabots.run_waiter import XCOM_RUN_ID_KEY, RunWaiterMixin
+
+if TYPE_CHECKING:
+    import jinja2
+    from airflow.providers.common.compat.sdk import Context
+    from pydantic import JsonValue
+
+#: Status recorded when a stored run id cannot be read back; neither active nor succeeded, so a
+#: new run is invoked.
+_UNREADABLE = "UNREADABLE"
+
+
+class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperator):
+    """
+    Run an AltaBots (or GPTBots) workflow and return its output.
+
+    ==============  ====================  ==========  ===============================================
+    ``sync_invoke``  ``wait_for_termination``  ``deferrable``  what happens
+    ==============  ====================  ==========  ===============================================
+    True            any                   any         one invoke that answers when the run ends; holds
+                                                      a worker slot for the whole run
+    False           True                  False       invoke, then poll from the worker
+    False           True                  True        invoke on the worker, defer; the triggerer polls;
+                                                      the worker resumes to fetch the output
+    False           False                 any         invoke and return the run id (wait later with
+                                                      ``AltaBotsWorkflowRunSensor``)
+    ==============  ====================  ==========  ===============================================
+
+    XCom, when the run is waited for: the return value is the run's ``output``; key
+    ``workflow_run_id`` holds the run id (pushed as soon as the run exists); key
+    ``workflow_run`` holds the record without input and output (status, workflow id, name and
+    version, ``workflowExecutionTime``, ``totalCost``, ``totalTokens``, ``startTime``,
+    ``endTime``). Otherwise the return value is the run id.
+
+    A new try of the task does not pay twice: on Airflow 3.3+ the run id is kept in the task
+    state store as soon as the invoke answers, and a later try resumes that run if it is
+    PENDING or RUNNING, reuses its result if it SUCCEEDED, and invokes anew only if it FAILED.
+
+    :param input: the parameters of the workflow's Start node (templated; a mapping once
+        rendered).
+    :param user_id: tags who started the run (templated).
+    :param webhooks: up to 5 callbacks the API calls when the run ends, each
+        ``{"method": "POST", "url": "https://...", "headers": {...}}`` (templated). Header values
+        are masked in logs and rendered fields; pass tokens through templates, e.g.
+        ``"{{ var.value.webhook_token }}"``, so they are not stored with the DAG.
+    :param altabots_conn_id: the Airflow connection (type ``altabots``) holding the base URL and
+        the workflow's API key.
+    :param sync_invoke: send one invoke that answers when the run ends. Simple, but the worker
+        slot is held for the whole run and a lost answer cannot be resumed.
+    :param wait_for_termination: wait for the run to end. ``False`` returns the run id at once.
+    :param deferrable: wait on the triggerer instead of the worker (default: the
+        ``[operators] default_deferrable`` setting).
+    :param poll_interval: seconds before the first status check; later waits grow 1.5 times.
+    :param max_poll_interval: the longest wait between two status checks, in seconds.
+    :param timeout: seconds to wait for the run to end (``None``: no limit). When it passes, the
+        status is checked once more and the task fails naming the run and its last status; the
+        run itself goes on (the API cannot cancel it).
+    :param max_consecutive_failures: status checks in a row that may fail (5xx, network errors)
+        before the task fails as "status unknown". Rate-limited checks (429) do not count.
+    :param durable: keep the run id in the task state store so a new try resumes the run
+        (Airflow 3.3+; default ``True`` there, no effect below).
+    """
+
+    template_fields: Sequence[str] = ("input", "user_id", "webhooks")
+    template_fields_renderers = {"input": "json", "webhooks": "json"}
+    ui_color = "#e8e1f7"
+    external_id_key = "altabots_workflow_run_id"
+
+    def __init__(
+        self,
+        *,
+        input: Mapping[str, Any] | str,
+        user_id: str | None = None,
+        webhooks: Sequence[Mapping[str, Any]] | str | None = None,
+        altabots_conn_id: str = AltaBotsHook.default_conn_name,
+        sync_invoke: bool = False,
+        wait_for_termination: bool = True,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        max_poll_interval: float = DEFAULT_MAX_POLL_INTERVAL,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        max_consecutive_failures: int = DEFAULT_MAX_CONSECUTIVE_FAILURES,
+        durable: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if durable is not None:
+            kwargs["durable"] = durable
+        super().__init__(**kwargs)
+        self.input = input
+        self.user_id = user_id
+        self.webhooks = webhooks
+        self.altabots_conn_id = altabots_conn_id
+        self.sync_invoke = sync_invoke
+        self.wait_for_termination = wait_for_termination
+        self.deferrable = deferrable
+        self.poll_interval = poll_interval
+        self.max_poll_interval = max_poll_interval
+        self.timeout = timeout
+        self.max_consecutive_failures = max_consecutive_failures
+        self.policy  # noqa: B018 - checks the intervals now, at DAG parse time
+        if timeout is not None:
+            self.timeout = protocol.positive_seconds(timeout, "timeout")
+        self.workflow_run_id: str | None = None
+        self._invoke: protocol.ApiRequest | None = None
+        self._record: dict[str, Any] | None = None
+        self._published = False
+        self._output: Any = None
+
+    @property
+    def policy(self) -> PollPolicy:
+        """The waiting policy built from this operator's arguments."""
+        return PollPolicy(
+            poll_interval=self.poll_interval,
+            max_poll_interval=self.max_poll_interval,
+            max_consecutive_failures=self.max_consecutive_failures,
+        )
+
+    def render_template_fields(self, context: Context, jinja_env: jinja2.Environment | None = None) -> None:
+        super().render_template_fields(context, jinja_env)
+        self._mask_webhook_headers()
+
+    def execute(self, context: Context) -> Any:
+        self._mask_webhook_headers()
+        # Check everything the invoke needs before any request is sent.
+        self._invoke = protocol.invoke_request(
+            self.input, user_id=self.user_id, webhooks=self.webhooks, is_async=not self.sync_invoke
+        )
+        if self.sync_invoke:
+            return self._execute_sync_invoke(context)
+        return self.execute_resumable(context)
+
+    def on_kill(self) -> None:
+        if self.workflow_run_id:
+            self.log.warning(
+                "Task killed while workflow run %s goes on: the API has no cancel endpoint, so the run "
+                "continues (and is billed) at the vendor's side. A new try of this task resumes it.",
+                self.workflow_run_id,
+            )
+
+    # -- ResumableJobMixin: how to start, read and wait for one run --------------------------
+
+    def submit_job(self, context: Context) -> str:
+        """Invoke the workflow asynchronously and record the run id at once."""
+        answer = self._send_invoke()
+        assert self._invoke is not None
+        run_id = protocol.read_run_id(self._invoke, answer)
+        self._started(context, run_id, answer)
+        return run_id
+
+    def get_job_status(self, external_id: JsonValue, context: Context) -> str:
+        """Read the status of a run a previous try started (on resume)."""
+        run_id = str(external_id)
+        self.workflow_run_id = run_id
+        try:
+            self._record = self.fetch_run(run_id)
+        except AltaBotsApiError as error:
+            self.log.warning(
+                "Workflow run %s, started by an earlier try, cannot be read back (%s); a new run is invoked.",
+                run_id,
+                error.message,
+            )
+            return _UNREADABLE
+        return str(self._record.get("status"))
+
+    def is_job_active(self, status: str) -> bool:
+        # An unknown status is never success, nor a reason to start (and pay for) a second run.
+        return status != _UNREADABLE and protocol.status_kind(status) in ("active", "unknown")
+
+    def is_job_succeeded(self, status: str) -> bool:
+        return protocol.status_kind(status) == "succeeded"
+
+    def poll_until_complete(self, external_id: JsonValue, context: Context) -> Any:
+        """Wait for the run (on the worker, or by deferring); return what the task returns."""
+        run_id = str(external_id)
+        self.workflow_run_id = run_id
+        if not self.wait_for_termination:
+            return run_id
+        deadline = deadline_after(self.timeout)
+        if self.deferrable:
+            self.defer_until_done(run_id, deadline)
+        watch = RunWatch(run_id, self.policy, deadline=deadline, log=self.log)
+        record = wait_for_run(watch, lambda: self.hook.get_run_result(run_id))
+        return self._publish(context, record)
+
+    def get_job_result(self, external_id: JsonValue, context: Context) -> Any:
+        if not self.wait_for_termination:
+            return str(external_id)
+        if self._published:
+            return self._output
+        record = self._record if self._record is not None else self.fetch_run(str(external_id))
+        return self._publish(context, record)
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _execute_sync_invoke(self, context: Context) -> Any:
+        record = self._send_invoke()
+        assert self._invoke is not None
+        run_id = protocol.read_run_id(self._invoke, record)
+        self._started(context, run_id, record)
+        watch = RunWatch(run_id, self.policy, log=self.log)
+        if watch.observe(record) is None:
+            return self._publish(context, record)
+        self.log.info(
+            "The invoke answered before run %s ended (%s); waiting for it.", run_id, record.get("status")
+        )
+        return self.poll_until_complete(run_id, context)
+
+    def _send_invoke(self) -> dict[str, Any]:
+        """Send the invoke; retry only where it surely started no run (not sent, or HTTP 429)."""
+        request = self._invoke
+        assert request is not None
+        timeout = self.timeout if self.sync_invoke else None
+        try:
+            return call_with_retries(
+                lambda: self.hook.send(request, timeout=timeout),
+                self.policy,
+                retry_if=lambda error: error.rate_limited or not error.sent,
+                log=self.log,
+            )
+        except AltaBotsTransientError as error:
+            if error.sent and not error.rate_limited:
+                raise AltaBotsInvokeUncertain(
+                    f"{error.message} The invoke may have started a run, and been billed, but no run id "
+                    "came back. The API has no idempotency key, so it is not sent again: look for the run "
+                    "in the vendor's console, then clear this task if you want a new run."
+                ) from error
+            raise
+
+    def _started(self, context: Context, run_id: str, answer: Mapping[str, Any]) -> None:
+        self.workflow_run_id = run_id
+        self.log.info("Started workflow run %s of %s.", run_id, protocol.describe_run(answer))
+        if self.do_xcom_push:
+            context["ti"].xcom_push(key=XCOM_RUN_ID_KEY, value=run_id)
+
+    def _publish(self, context: Context, record: Mapping[str, Any]) -> Any:
+        self._output = self.publish_run(context, record)
+        self._published = True
+        return self._output
+
+    def _mask_webhook_headers(self) -> None:
+        """Register every webhook header value with the secrets masker."""
+        if not isinstance(self.webhooks, list | tuple):
+            return
+        for hook in self.webhooks:
+            headers = hook.get("headers") if isinstance(hook, Mapping) else None
+            if isinstance(headers, Mapping):
+                for value in headers.values():
+                    if isinstance(value, str) and value:
+                        mask_secret(value)

@@ -1,0 +1,274 @@
+"""
+How long to wait between status checks, how to back off, and when to give up.
+
+One policy serves the operator (polling from the worker), the sensor and the trigger (polling
+from the triggerer); it holds no I/O, so both the blocking and the asyncio loops drive the same
+decisions:
+
+* The first check comes ``poll_interval`` seconds after the invoke; each later wait is 1.5 times
+  the one before, up to ``max_poll_interval``. Short runs are seen quickly and long runs cost
+  few requests: a 10-minute run with the defaults takes about 17 checks.
+* On HTTP 429 the wait is what ``Retry-After`` or ``X-RateLimit-Reset`` says; without either,
+  it doubles from ``poll_interval`` with jitter, up to :attr:`PollPolicy.backoff_cap`.
+* A 5xx answer or a network error is retried the same way. Only ``max_consecutive_failures``
+  failed checks in a row end the wait, as :class:`AltaBotsStatusUnknown`: the run's fate is
+  unknown, which is not the same as failed. A 429 is not a failure: the API answered.
+* A deadline (absolute Unix time, so it survives a triggerer restart) bounds the wait. The last
+  wait is cut short to end at the deadline, the status is checked once more, and only then is
+  :class:`AltaBotsRunTimeout` raised, naming the last status seen.
+* A status this provider does not know is never taken for success: it warns and keeps waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from airflow_provider_altabots import protocol
+from airflow_provider_altabots.exceptions import (
+    AltaBotsConfigError,
+    AltaBotsRunFailed,
+    AltaBotsRunTimeout,
+    AltaBotsStatusUnknown,
+    AltaBotsTransientError,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+T = TypeVar("T")
+Logger = logging.Logger | logging.LoggerAdapter[Any] | Any
+
+DEFAULT_POLL_INTERVAL = 2.0
+DEFAULT_MAX_POLL_INTERVAL = 60.0
+DEFAULT_MAX_CONSECUTIVE_FAILURES = 8
+DEFAULT_TIMEOUT = 24 * 60 * 60.0
+
+
+@dataclass(frozen=True)
+class PollPolicy:
+    """
+    The waiting policy; every field is a plain number so it can travel inside a trigger.
+
+    :param poll_interval: seconds before the first status check.
+    :param max_poll_interval: the longest wait between two checks.
+    :param max_consecutive_failures: failed checks in a row (5xx, network errors) that end the
+        wait as "status unknown".
+    :param growth: factor by which the wait grows after each check that finds the run active.
+    :param backoff_cap: the longest wait after an error or a 429 that said nothing about when to
+        come back.
+    """
+
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+    max_poll_interval: float = DEFAULT_MAX_POLL_INTERVAL
+    max_consecutive_failures: int = DEFAULT_MAX_CONSECUTIVE_FAILURES
+    growth: float = 1.5
+    backoff_cap: float = 300.0
+
+    def __post_init__(self) -> None:
+        for name in ("poll_interval", "max_poll_interval", "growth", "backoff_cap"):
+            object.__setattr__(self, name, protocol.positive_seconds(getattr(self, name), name))
+        if self.max_poll_interval < self.poll_interval:
+            raise AltaBotsConfigError(
+                f"max_poll_interval ({self.max_poll_interval}) must not be below "
+                f"poll_interval ({self.poll_interval})."
+            )
+        if self.growth < 1:
+            raise AltaBotsConfigError(f"growth must be >= 1, not {self.growth}.")
+        count = self.max_consecutive_failures
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise AltaBotsConfigError(f"max_consecutive_failures must be an integer >= 1, not {count!r}.")
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def next_interval(self, interval: float) -> float:
+        """The wait after ``interval`` when the run is still active."""
+        return min(interval * self.growth, self.max_poll_interval)
+
+    def delay_after_error(self, error: AltaBotsTransientError, attempt: int) -> float:
+        """
+        Seconds to wait after the ``attempt``-th failure in a row.
+
+        The API's own ``Retry-After``/``X-RateLimit-Reset`` wins (plus a little jitter, so that
+        many waiting tasks do not come back at the same instant); otherwise exponential backoff
+        with jitter.
+        """
+        jitter = random.uniform(0.5, 1.0)  # noqa: S311 - spreading retries, not security
+        if error.retry_after is not None:
+            return error.retry_after + jitter * min(self.poll_interval, 1.0)
+        return jitter * min(self.poll_interval * 2 ** (attempt - 1), self.backoff_cap)
+
+
+def deadline_after(timeout: float | None, now: float | None = None) -> float | None:
+    """The absolute Unix time ``timeout`` seconds from now (``None``: no deadline)."""
+    if timeout is None:
+        return None
+    return (time.time() if now is None else now) + timeout
+
+
+class RunWatch:
+    """
+    The state of one wait for one run: feed it each check's outcome, it says how long to wait.
+
+    :param run_id: the run being waited for (named in every message).
+    :param policy: intervals and limits.
+    :param deadline: absolute Unix time after which the wait ends; ``None`` waits forever.
+    :param log: where to warn about unknown statuses and retried errors.
+    :param clock: returns the current Unix time; replaceable in tests.
+    """
+
+    def __init__(
+        self,
+        run_id: str,
+        policy: PollPolicy,
+        *,
+        deadline: float | None = None,
+        log: Logger | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.run_id = run_id
+        self.policy = policy
+        self.deadline = deadline
+        self.log = log or logging.getLogger(__name__)
+        self.clock = clock
+        self.interval = policy.poll_interval
+        self.failures = 0
+        self.rate_limited = 0
+        self.checks = 0
+        self.last_status: str | None = None
+        self.record: dict[str, Any] | None = None
+
+    def first_delay(self) -> float:
+        """The wait before the first check."""
+        return self._until_deadline(self.policy.poll_interval)
+
+    def observe(self, outcome: Mapping[str, Any] | AltaBotsTransientError) -> float | None:
+        """
+        Take one check's outcome: the run record, or the transient error the check raised.
+
+        :returns: ``None`` when the run succeeded (its record is then in :attr:`record`), else
+            the seconds to wait before the next check.
+        :raises AltaBotsRunFailed: the run ended FAILED.
+        :raises AltaBotsStatusUnknown: too many failed checks in a row.
+        :raises AltaBotsRunTimeout: the deadline has passed and the run has not ended.
+        """
+        self.checks += 1
+        if isinstance(outcome, AltaBotsTransientError):
+            delay = self._after_error(outcome)
+        else:
+            self.failures = self.rate_limited = 0
+            self.record = dict(outcome)
+            status = outcome.get("status")
+            self.last_status = str(status)
+            kind = protocol.status_kind(status)
+            if kind == "succeeded":
+                return None
+            if kind == "failed":
+                raise AltaBotsRunFailed(protocol.failure_message(self.record), run_id=self.run_id)
+            if kind == "unknown":
+                self.log.warning(
+                    "Workflow run %s reports status %r, which this provider does not know; it is not "
+                    "taken for success, so the task keeps waiting.",
+                    self.run_id,
+                    status,
+                )
+            delay = self.interval
+            self.interval = self.policy.next_interval(self.interval)
+        if self.deadline is not None and self.clock() >= self.deadline:
+            raise AltaBotsRunTimeout(
+                f"Workflow run {self.run_id} had not ended when the timeout passed; last status seen: "
+                f"{self.last_status or 'none (no check succeeded)'}. The run goes on at the vendor's side "
+                "(the API cannot cancel it): raise the operator's timeout, or wait for it with "
+                "AltaBotsWorkflowRunSensor.",
+                run_id=self.run_id,
+                last_status=self.last_status,
+            )
+        return self._until_deadline(delay)
+
+    def _after_error(self, error: AltaBotsTransientError) -> float:
+        if error.rate_limited:
+            self.rate_limited += 1
+            delay = self.policy.delay_after_error(error, self.rate_limited)
+            self.log.warning(
+                "Status check of workflow run %s was rate limited; next check in %.1f s.", self.run_id, delay
+            )
+            return delay
+        self.failures += 1
+        limit = self.policy.max_consecutive_failures
+        if self.failures >= limit:
+            raise AltaBotsStatusUnknown(
+                f"The status of workflow run {self.run_id} is unknown: {self.failures} checks in a row "
+                f"failed, the last with: {error.message} The run itself may still be going or may have "
+                "ended; a task retry resumes waiting for the same run. Raise max_consecutive_failures "
+                "to ride out longer outages.",
+                run_id=self.run_id,
+            )
+        delay = self.policy.delay_after_error(error, self.failures)
+        self.log.warning(
+            "Status check %d of %d allowed failures for workflow run %s: %s Next check in %.1f s.",
+            self.failures,
+            limit,
+            self.run_id,
+            error.message,
+            delay,
+        )
+        return delay
+
+    def _until_deadline(self, delay: float) -> float:
+        if self.deadline is None:
+            return delay
+        return max(0.0, min(delay, self.deadline - self.clock()))
+
+
+def wait_for_run(
+    watch: RunWatch,
+    check: Callable[[], dict[str, Any]],
+    sleep: Callable[[float], None] | None = None,
+) -> dict[str, Any]:
+    """Block until the watched run succeeds; return its record. ``check`` fetches the record once."""
+    sleep = sleep or time.sleep
+    delay = watch.first_delay()
+    while True:
+        sleep(delay)
+        try:
+            outcome: dict[str, Any] | AltaBotsTransientError = check()
+        except AltaBotsTransientError as error:
+            outcome = error
+        next_delay = watch.observe(outcome)
+        if next_delay is None:
+            assert watch.record is not None
+            return watch.record
+        delay = next_delay
+
+
+def call_with_retries(
+    call: Callable[[], T],
+    policy: PollPolicy,
+    *,
+    retry_if: Callable[[AltaBotsTransientError], bool] = lambda error: True,
+    log: Logger | None = None,
+    sleep: Callable[[float], None] | None = None,
+) -> T:
+    """
+    Make one API call, retrying transient errors for which ``retry_if`` holds.
+
+    At most ``policy.max_consecutive_failures`` attempts, 429s included (a wait for a run is
+    bounded by its deadline instead, see :class:`RunWatch`). The last error, or the first one
+    ``retry_if`` refuses, is raised.
+    """
+    sleep = sleep or time.sleep
+    attempt = 0
+    while True:
+        try:
+            return call()
+        except AltaBotsTransientError as error:
+            attempt += 1
+            if not retry_if(error) or attempt >= policy.max_consecutive_failures:
+                raise
+            delay = policy.delay_after_error(error, attempt)
+            (log or logging.getLogger(__name__)).warning("%s Trying again in %.1f s.", error.message, delay)
+            sleep(delay)

@@ -1,0 +1,115 @@
+"""
+What the operator and the sensor share once a run id is known: deferring to the trigger,
+checking the trigger's event, and publishing the finished run to XCom.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from airflow_provider_altabots import protocol
+from airflow_provider_altabots.exceptions import EVENT_ERRORS, AltaBotsError, error_from_event
+from airflow_provider_altabots.hooks.altabots import AltaBotsHook
+from airflow_provider_altabots.polling import PollPolicy, RunWatch, call_with_retries
+
+if TYPE_CHECKING:
+    from airflow.providers.common.compat.sdk import Context
+
+#: XCom key of the run id, pushed as soon as the run exists.
+XCOM_RUN_ID_KEY = "workflow_run_id"
+#: XCom key of the finished run's record without input and output (status, workflow, cost, ...).
+XCOM_RUN_KEY = "workflow_run"
+
+_EVENT_STATUSES = frozenset(EVENT_ERRORS) | {"success"}
+
+
+class RunWaiterMixin:
+    """Mixed into operators that wait for a workflow run; expects the attributes below."""
+
+    altabots_conn_id: str
+    do_xcom_push: bool
+    log: Any
+
+    if TYPE_CHECKING:
+
+        @property
+        def policy(self) -> PollPolicy: ...
+
+        def defer(self, *, trigger: Any, method_name: str, **kwargs: Any) -> NoReturn: ...
+
+    @cached_property
+    def hook(self) -> AltaBotsHook:
+        """The hook of ``altabots_conn_id``, one per task instance (its HTTP session is reused)."""
+        return AltaBotsHook(self.altabots_conn_id)
+
+    def fetch_run(self, run_id: str) -> dict[str, Any]:
+        """Read a run's record, riding out transient errors as the waiting policy allows."""
+        return call_with_retries(lambda: self.hook.get_run_result(run_id), self.policy, log=self.log)
+
+    def defer_until_done(self, run_id: str, deadline: float | None) -> NoReturn:
+        """Free the worker slot: hand the wait to the triggerer, resume in :meth:`execute_complete`."""
+        from airflow_provider_altabots.triggers.altabots import AltaBotsWorkflowRunTrigger
+
+        self.log.info("Deferring: the triggerer waits for workflow run %s.", run_id)
+        self.defer(
+            trigger=AltaBotsWorkflowRunTrigger(
+                run_id, self.altabots_conn_id, deadline=deadline, **self.policy.as_kwargs()
+            ),
+            method_name="execute_complete",
+        )
+
+    def execute_complete(self, context: Context, event: Mapping[str, Any] | None = None) -> Any:
+        """
+        Resume after the trigger fired: fail with the trigger's error, or fetch and publish the output.
+
+        An event that is missing or not one this provider's trigger sends is refused.
+        """
+        run_id = event.get("run_id") if isinstance(event, Mapping) else None
+        run_id = run_id if isinstance(run_id, str) and run_id else None
+        if not isinstance(event, Mapping) or event.get("status") not in _EVENT_STATUSES:
+            raise AltaBotsError(
+                f"The task resumed with an unexpected trigger event {_describe(event)}; it cannot tell "
+                "how the workflow run ended. Check the triggerer's log; a task retry resumes the run.",
+                run_id=run_id,
+            )
+        if run_id is None:
+            raise AltaBotsError(
+                f"The trigger event {_describe(event)} names no workflow run id; check the triggerer's log."
+            )
+        if event["status"] != "success":
+            raise error_from_event(event["status"], str(event.get("message") or ""), run_id)
+        record = self.fetch_run(run_id)
+        watch = RunWatch(run_id, self.policy, log=self.log)
+        if watch.observe(record) is not None:
+            raise AltaBotsError(
+                f"The trigger reported workflow run {run_id} as SUCCEED, but the API now reports status "
+                f"{record.get('status')!r}. A task retry waits for the run again.",
+                run_id=run_id,
+            )
+        return self.publish_run(context, record)
+
+    def publish_run(self, context: Context, record: Mapping[str, Any]) -> Any:
+        """Push the run id and the run record (without input and output) to XCom; return the output."""
+        run_id = record.get("workflowRunId")
+        self.log.info(
+            "Workflow run %s of %s ended with %s in %s ms: cost %s credits, %s tokens.",
+            run_id,
+            protocol.describe_run(record),
+            record.get("status"),
+            record.get("workflowExecutionTime"),
+            record.get("totalCost"),
+            record.get("totalTokens"),
+        )
+        if self.do_xcom_push:
+            ti = context["ti"]
+            ti.xcom_push(key=XCOM_RUN_ID_KEY, value=run_id)
+            ti.xcom_push(key=XCOM_RUN_KEY, value=protocol.run_summary(record))
+        return record.get("output")
+
+
+def _describe(event: object) -> str:
+    if isinstance(event, Mapping):
+        return "{" + ", ".join(f"{key!r}: {str(value)[:80]!r}" for key, value in event.items()) + "}"
+    return repr(event)[:200]

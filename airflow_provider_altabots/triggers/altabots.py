@@ -1,0 +1,117 @@
+"""The trigger that waits for a workflow run on the triggerer, so no worker slot is held meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from airflow_provider_altabots.exceptions import AltaBotsError, AltaBotsRunTimeout, AltaBotsTransientError
+from airflow_provider_altabots.hooks.altabots import AltaBotsHook
+from airflow_provider_altabots.polling import (
+    DEFAULT_MAX_CONSECUTIVE_FAILURES,
+    DEFAULT_MAX_POLL_INTERVAL,
+    DEFAULT_POLL_INTERVAL,
+    PollPolicy,
+    RunWatch,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+#: ``status`` of the event for a run that ended with SUCCEED; every other status names an error
+#: (see :data:`airflow_provider_altabots.exceptions.EVENT_ERRORS`).
+SUCCESS = "success"
+
+
+class AltaBotsWorkflowRunTrigger(BaseTrigger):
+    """
+    Poll a workflow run until it ends, then fire one small event.
+
+    It never invokes anything: the invoke is sent from the worker before deferring, so a
+    triggerer restart cannot start a second run. It holds only ids and numbers, never a key;
+    the connection is read when the trigger starts. Waits follow
+    :class:`~airflow_provider_altabots.polling.PollPolicy`, and every trigger of one connection in
+    the process shares one pooled HTTP client.
+
+    The event is ``{"status", "run_id", "message"}`` (plus ``last_status`` on a timeout):
+    ``status`` is ``"success"`` or the ``event_status`` of the error that ended the wait. The
+    worker fetches the run's output itself when it resumes, so the event stays small.
+
+    :param run_id: the workflow run to wait for.
+    :param altabots_conn_id: the connection to poll through.
+    :param deadline: absolute Unix time after which the wait ends with a final check; ``None``
+        waits until the run ends. Absolute, so it survives a triggerer restart.
+    :param poll_interval: seconds before the first check; later waits grow 1.5 times.
+    :param max_poll_interval: the longest wait between checks.
+    :param max_consecutive_failures: failed checks in a row that end the wait as "status unknown".
+    """
+
+    def __init__(
+        self,
+        run_id: str,
+        altabots_conn_id: str = AltaBotsHook.default_conn_name,
+        *,
+        deadline: float | None = None,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        max_poll_interval: float = DEFAULT_MAX_POLL_INTERVAL,
+        max_consecutive_failures: int = DEFAULT_MAX_CONSECUTIVE_FAILURES,
+        growth: float = 1.5,
+        backoff_cap: float = 300.0,
+    ) -> None:
+        super().__init__()
+        self.run_id = run_id
+        self.altabots_conn_id = altabots_conn_id
+        self.deadline = deadline
+        self.policy = PollPolicy(
+            poll_interval=poll_interval,
+            max_poll_interval=max_poll_interval,
+            max_consecutive_failures=max_consecutive_failures,
+            growth=growth,
+            backoff_cap=backoff_cap,
+        )
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "run_id": self.run_id,
+                "altabots_conn_id": self.altabots_conn_id,
+                "deadline": self.deadline,
+                **self.policy.as_kwargs(),
+            },
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        hook = AltaBotsHook(self.altabots_conn_id)
+        watch = RunWatch(self.run_id, self.policy, deadline=self.deadline, log=self.log)
+        try:
+            async with hook.shared_client():
+                delay: float | None = watch.first_delay()
+                while delay is not None:
+                    await asyncio.sleep(delay)
+                    try:
+                        outcome: dict[str, Any] | AltaBotsTransientError = await hook.aget_run_result(
+                            self.run_id
+                        )
+                    except AltaBotsTransientError as error:
+                        outcome = error
+                    delay = watch.observe(outcome)
+        except AltaBotsError as error:
+            event: dict[str, Any] = {
+                "status": error.event_status,
+                "run_id": self.run_id,
+                "message": error.message,
+            }
+            if isinstance(error, AltaBotsRunTimeout):
+                event["last_status"] = error.last_status
+            yield TriggerEvent(event)
+            return
+        yield TriggerEvent(
+            {
+                "status": SUCCESS,
+                "run_id": self.run_id,
+                "message": f"Workflow run {self.run_id} ended with SUCCEED after {watch.checks} checks.",
+            }
+        )

@@ -1,0 +1,22 @@
+"""
+Test set-up shared by every test: a private AIRFLOW_HOME with a SQLite metadata database.
+
+The environment is set before anything imports Airflow, so no test touches the user's own
+Airflow installation.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+_home = Path(tempfile.mkdtemp(prefix="altabots-tests-"))
+os.environ["AIRFLOW_HOME"] = str(_home)
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "example_dags")
+os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{_home / 'airflow.db'}"
+os.environ["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] = "http://127.0.0.1:8080/execution/"
+os.environ.pop("AIRFLOW_CONN_ALTABOTS_DEFAULT", None)

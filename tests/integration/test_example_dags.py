@@ -1,0 +1,229 @@
+"""
+Every example DAG, run for real with ``dag.test()`` against the emulator in its own process.
+
+``dag.test()`` runs tasks in-process and triggers inline, through Airflow's own task runner,
+execution API and serialization of the trigger; the deployment with a separate triggerer and
+scheduler is exercised by the end-to-end suite.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import API_KEY, ENDLESS_KEY, FAILING_KEY, airflow_home, use_key
+
+pytestmark = pytest.mark.integration
+
+WEBHOOK_TOKEN = "whk-token-51c0e7d9a3"
+
+
+def test_deferrable_mode(emulator, run_dag):
+    result = run_dag("example_altabots_deferrable")
+    assert result.run.state == "success"
+    assert result.states[("report", -1)] == "success"
+    output = result.xcom("summarize_news")
+    record = result.xcom("summarize_news", "workflow_run")
+    run_id = result.xcom("summarize_news", "workflow_run_id")
+    assert "News" in output["output"]
+    assert record["workflowRunId"] == run_id
+    assert record["status"] == "SUCCEED"
+    assert record["totalCost"] > 0
+    assert record["totalTokens"] > 0
+    assert "input" not in record
+    assert "output" not in record
+    # The task deferred, the trigger waited, and the invoke was sent once, asynchronously.
+    assert f"Deferring: the triggerer waits for workflow run {run_id}." in result.printed
+    assert "Pausing task as DEFERRED" in result.printed
+    (invoke,) = emulator.invokes()
+    assert invoke["body"]["isAsync"] is True
+    assert invoke["body"]["userId"] == "airflow-example_altabots_deferrable"
+    assert emulator.queries()
+    assert f"Workflow output: {output}" in result.printed
+
+
+def test_poll_mode(emulator, run_dag):
+    result = run_dag("example_altabots_poll")
+    assert result.run.state == "success"
+    assert result.xcom("classify_ticket")["output"]
+    assert "Pausing task as DEFERRED" not in result.printed
+    assert len(emulator.invokes()) == 1
+    assert len(emulator.queries()) >= 1
+
+
+def test_sync_mode(emulator, run_dag):
+    result = run_dag("example_altabots_sync")
+    assert result.run.state == "success"
+    assert result.xcom("translate", "workflow_run")["status"] == "SUCCEED"
+    (invoke,) = emulator.invokes()
+    assert invoke["body"]["isAsync"] is False
+    assert emulator.queries() == []
+
+
+def test_fire_and_forget_then_sensor(emulator, run_dag):
+    result = run_dag("example_altabots_sensor")
+    assert result.run.state == "success"
+    run_id = result.xcom("start_research")
+    assert isinstance(run_id, str)
+    assert result.xcom("wait_for_research", "workflow_run_id") == run_id
+    assert result.xcom("wait_for_research")["output"]
+    assert len(emulator.invokes()) == 1
+    assert {q["body"]["workflowRunId"] for q in emulator.queries()} == {run_id}
+
+
+def test_mapped_over_twenty_inputs(emulator, run_dag):
+    emulator.set_workflow(API_KEY, run_seconds=0.2, pending_seconds=0.05)
+
+    def faster(dag):
+        dag.get_task("score_review").partial_kwargs["poll_interval"] = 0.2
+
+    result = run_dag("example_altabots_mapped", faster)
+    assert result.run.state == "success"
+    mapped = {key: state for key, state in result.states.items() if key[0] == "score_review"}
+    assert len(mapped) == 20
+    assert set(mapped.values()) == {"success"}
+    assert result.xcom("count") == 20
+    invokes = emulator.invokes()
+    assert len(invokes) == 20
+    assert len({i["body"]["input"]["review"] for i in invokes}) == 20
+
+
+def test_failed_run_fails_the_task_and_each_retry_invokes_anew(emulator, run_dag, monkeypatch):
+    use_key(monkeypatch, emulator, FAILING_KEY)
+
+    def quick_retries(dag):
+        dag.get_task("summarize_news").retry_delay = timedelta(0)
+
+    result = run_dag("example_altabots_deferrable", quick_retries)
+    assert result.run.state == "failed"
+    assert result.states[("summarize_news", -1)] == "failed"
+    assert result.states[("report", -1)] == "upstream_failed"
+    invokes = emulator.invokes()
+    assert len(invokes) == 3  # the first try and two retries: a FAILED run is not resumed
+    last_run = result.xcom("summarize_news", "workflow_run_id")
+    assert f"Workflow run {last_run}" in result.printed
+    assert "FAILED" in result.printed
+    assert "The API said" in result.printed
+
+
+def test_timeout_names_the_run_and_its_last_status(emulator, run_dag, monkeypatch):
+    use_key(monkeypatch, emulator, ENDLESS_KEY)
+
+    def short(dag):
+        task = dag.get_task("summarize_news")
+        task.timeout = 2
+        task.retries = 0
+
+    result = run_dag("example_altabots_deferrable", short)
+    assert result.states[("summarize_news", -1)] == "failed"
+    run_id = result.xcom("summarize_news", "workflow_run_id")
+    assert f"Workflow run {run_id} had not ended when the timeout passed; last status seen: RUNNING" in (
+        result.printed
+    )
+    assert len(emulator.invokes()) == 1
+
+
+def test_retry_resumes_the_same_run_through_the_task_state_store(emulator, run_dag):
+    """The first try loses the API (5xx) after its invoke; the retry resumes that run, paying once."""
+    emulator.set_workflow(API_KEY, run_seconds=2, pending_seconds=0.1)
+    emulator.set_faults(server_errors={"count": 2, "status": 503, "paths": ["/v1/workflow/query/result"]})
+
+    def fragile(dag):
+        task = dag.get_task("classify_ticket")
+        task.max_consecutive_failures = 2
+        task.poll_interval = 0.2
+        task.retries = 1
+        task.retry_delay = timedelta(0)
+
+    result = run_dag("example_altabots_poll", fragile)
+    assert result.run.state == "success"
+    assert result.ti("classify_ticket").try_number == 2
+    assert "status of workflow run" in result.printed
+    assert "is unknown" in result.printed
+    assert "Reconnecting to existing job" in result.printed
+    assert len(emulator.invokes()) == 1
+
+
+class WebhookReceiver(ThreadingHTTPServer):
+    def __init__(self) -> None:
+        self.received: list[tuple[str, str, dict[str, str]]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(length)
+                receiver.received.append(("POST", self.path, dict(self.headers)))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def test_webhook_is_called_with_its_secret_header_and_the_secrets_never_leak(emulator, run_dag, monkeypatch):
+    receiver = WebhookReceiver()
+    try:
+        monkeypatch.setenv(
+            "AIRFLOW_VAR_ALTABOTS_WEBHOOK_URL", f"http://127.0.0.1:{receiver.server_port}/done"
+        )
+        # A header and a Variable whose names Airflow does not find sensitive (as "X-Api-Key" and
+        # "..._token" are): only the operator's own masking can hide this value.
+        monkeypatch.setenv("AIRFLOW_VAR_ALTABOTS_HOOK_HEADER", WEBHOOK_TOKEN)
+
+        def neutral_names(dag):
+            dag.get_task("draft_reply").webhooks[0]["headers"] = {
+                "X-Callback-Code": "{{ var.value.altabots_hook_header }}"
+            }
+
+        result = run_dag("example_altabots_webhook", neutral_names)
+        assert result.run.state == "success"
+        (invoke,) = emulator.invokes()
+        assert invoke["body"]["webhook"][0]["headers"]["X-Callback-Code"] == WEBHOOK_TOKEN
+        deadline_checks = 50
+        while not receiver.received and deadline_checks:
+            threading.Event().wait(0.1)
+            deadline_checks -= 1
+        ((method, path, headers),) = receiver.received
+        assert (method, path) == ("POST", "/done")
+        assert headers["X-Callback-Code"] == WEBHOOK_TOKEN
+    finally:
+        receiver.shutdown()
+
+    # Also fail a run so that error paths are in what gets scanned.
+    use_key(monkeypatch, emulator, FAILING_KEY)
+    failed = run_dag(
+        "example_altabots_deferrable", lambda dag: setattr(dag.get_task("summarize_news"), "retries", 0)
+    )
+    assert failed.run.state == "failed"
+
+    secrets = (API_KEY, FAILING_KEY, WEBHOOK_TOKEN)
+    for text, where in (
+        (result.printed, "output of the webhook DAG"),
+        (failed.printed, "output of the failed DAG"),
+    ):
+        for secret in secrets:
+            assert secret not in text, f"a secret leaked into the {where}"
+    for path in Path(airflow_home(), "logs").rglob("*"):
+        if path.is_file():
+            text = path.read_text(errors="replace")
+            for secret in secrets:
+                assert secret not in text, f"a secret leaked into {path}"
+    # Every table of the metadata database: XCom, rendered fields, triggers, task instances, ...
+    with sqlite3.connect(Path(airflow_home(), "airflow.db")) as db:
+        dump = "\n".join(db.iterdump())
+        query = "SELECT rendered_fields FROM rendered_task_instance_fields WHERE dag_id = ?"
+        (rendered,) = db.execute(query, ("example_altabots_webhook",)).fetchone()
+    assert json.loads(rendered)["webhooks"][0]["headers"] == {"X-Callback-Code": "***"}
+    assert "altabots" in dump  # the scan reads real content
+    for secret in secrets:
+        assert secret not in dump, "a secret leaked into the metadata database"

@@ -1,0 +1,368 @@
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+from airflow.providers.common.compat.sdk import AirflowFailException, BaseOperator, TaskDeferred
+
+from airflow_provider_altabots.exceptions import (
+    AltaBotsAuthError,
+    AltaBotsConfigError,
+    AltaBotsError,
+    AltaBotsInvokeUncertain,
+    AltaBotsRunFailed,
+    AltaBotsRunTimeout,
+    AltaBotsStatusUnknown,
+    AltaBotsTransientError,
+)
+from airflow_provider_altabots.operators.altabots import AltaBotsRunWorkflowOperator
+from airflow_provider_altabots.triggers.altabots import AltaBotsWorkflowRunTrigger
+from tests.fake_api import INVOKE, RESULT, accepted, record, refused
+
+STORE_KEY = AltaBotsRunWorkflowOperator.external_id_key
+
+
+def operator(**kwargs) -> AltaBotsRunWorkflowOperator:
+    kwargs.setdefault("input", {"topic": "News"})
+    return AltaBotsRunWorkflowOperator(task_id="run_workflow", **kwargs)
+
+
+# -- the four modes ---------------------------------------------------------------------------
+
+
+def test_sync_invoke_is_one_blocking_call(api, context):
+    api.on(INVOKE, (200, record("SUCCEED", run_id="run-s")))
+    output = operator(sync_invoke=True).execute(context)
+    assert output == {"answer": "42"}
+    assert api.count(INVOKE) == 1
+    assert api.count(RESULT) == 0
+    assert api.calls[0].body["isAsync"] is False
+    assert context["ti"].xcom["workflow_run_id"] == "run-s"
+    summary = context["ti"].xcom["workflow_run"]
+    assert summary["totalCost"] == 0.6928
+    assert summary["totalTokens"] == 1745
+    assert "input" not in summary
+    assert "output" not in summary
+
+
+def test_sync_invoke_that_answers_early_keeps_waiting(api, context):
+    api.on(INVOKE, (200, record("RUNNING", run_id="run-s")))
+    api.on(RESULT, (200, record("SUCCEED", run_id="run-s")))
+    assert operator(sync_invoke=True, deferrable=False).execute(context) == {"answer": "42"}
+    assert api.count(INVOKE) == 1
+
+
+def test_sync_invoke_failed_run_fails_the_task(api, context):
+    api.on(INVOKE, (200, record("FAILED", run_id="run-s", output={"error": "boom"})))
+    with pytest.raises(AltaBotsRunFailed, match=r"run-s.*boom"):
+        operator(sync_invoke=True).execute(context)
+
+
+def test_polling_from_the_worker(api, context):
+    api.on(INVOKE, (200, accepted("run-p")))
+    api.on(
+        RESULT,
+        (200, record("PENDING", run_id="run-p")),
+        (200, record("RUNNING", run_id="run-p")),
+        (200, record("SUCCEED", run_id="run-p")),
+    )
+    output = operator(deferrable=False).execute(context)
+    assert output == {"answer": "42"}
+    assert api.calls[0].body["isAsync"] is True
+    assert api.count(RESULT) == 3
+    assert context["task_state_store"].data[STORE_KEY] == "run-p"
+    assert context["ti"].xcom["workflow_run_id"] == "run-p"
+    assert context["ti"].xcom["workflow_run"]["status"] == "SUCCEED"
+
+
+def test_deferrable_invokes_then_defers_without_polling(api, context):
+    api.on(INVOKE, (200, accepted("run-d")))
+    op = operator(
+        deferrable=True, poll_interval=3, max_poll_interval=40, timeout=600, max_consecutive_failures=5
+    )
+    before = time.time()
+    with pytest.raises(TaskDeferred) as deferred:
+        op.execute(context)
+    trigger = deferred.value.trigger
+    assert isinstance(trigger, AltaBotsWorkflowRunTrigger)
+    assert deferred.value.method_name == "execute_complete"
+    _, kwargs = trigger.serialize()
+    assert kwargs["run_id"] == "run-d"
+    assert kwargs["poll_interval"] == 3
+    assert kwargs["max_poll_interval"] == 40
+    assert kwargs["max_consecutive_failures"] == 5
+    assert before + 600 <= kwargs["deadline"] <= time.time() + 600
+    assert api.count(RESULT) == 0
+    # The run id is safe before the task gives up its slot.
+    assert context["task_state_store"].data[STORE_KEY] == "run-d"
+    assert context["ti"].xcom["workflow_run_id"] == "run-d"
+
+
+def test_fire_and_forget_returns_the_run_id(api, context):
+    api.on(INVOKE, (200, accepted("run-f")))
+    assert operator(wait_for_termination=False, deferrable=True).execute(context) == "run-f"
+    assert api.count(RESULT) == 0
+    assert context["ti"].xcom["workflow_run_id"] == "run-f"
+
+
+def test_no_xcom_keys_when_do_xcom_push_is_off(api, context):
+    api.on(INVOKE, (200, record("SUCCEED")))
+    operator(sync_invoke=True, do_xcom_push=False).execute(context)
+    assert context["ti"].xcom == {}
+
+
+# -- execute_complete ------------------------------------------------------------------------
+
+
+def test_execute_complete_fetches_and_publishes_the_output(api, context):
+    api.on(RESULT, (200, record("SUCCEED", run_id="run-d")))
+    output = operator().execute_complete(context, {"status": "success", "run_id": "run-d", "message": "ok"})
+    assert output == {"answer": "42"}
+    assert context["ti"].xcom["workflow_run"]["workflowRunId"] == "run-d"
+    assert api.calls[0].body == {"workflowRunId": "run-d"}
+
+
+@pytest.mark.parametrize(
+    ("event", "error", "match"),
+    [
+        (
+            {"status": "failed", "run_id": "run-d", "message": "Workflow run run-d FAILED."},
+            AltaBotsRunFailed,
+            "run-d",
+        ),
+        (
+            {"status": "timeout", "run_id": "run-d", "message": "not ended", "last_status": "RUNNING"},
+            AltaBotsRunTimeout,
+            "not ended",
+        ),
+        (
+            {"status": "unknown", "run_id": "run-d", "message": "5 checks failed"},
+            AltaBotsStatusUnknown,
+            "5 checks",
+        ),
+        ({"status": "auth", "run_id": "run-d", "message": "refused"}, AltaBotsAuthError, "refused"),
+        (None, AltaBotsError, "unexpected trigger event"),
+        ({}, AltaBotsError, "unexpected trigger event"),
+        ({"status": "done", "run_id": "run-d"}, AltaBotsError, "unexpected trigger event"),
+        ({"status": "success"}, AltaBotsError, "names no workflow run id"),
+        ({"status": "success", "run_id": ""}, AltaBotsError, "names no workflow run id"),
+    ],
+)
+def test_execute_complete_rejects_bad_or_failed_events(api, context, event, error, match):
+    with pytest.raises(error, match=match) as caught:
+        operator().execute_complete(context, event)
+    assert api.calls == []
+    if event and event.get("run_id"):
+        assert caught.value.run_id == "run-d"
+
+
+def test_execute_complete_double_checks_the_status(api, context):
+    api.on(RESULT, (200, record("RUNNING", run_id="run-d")))
+    with pytest.raises(AltaBotsError, match="now reports status 'RUNNING'"):
+        operator().execute_complete(context, {"status": "success", "run_id": "run-d"})
+
+
+# -- resuming a run a previous try started --------------------------------------------------
+
+
+def resume(context, status_answer, **kwargs):
+    context["task_state_store"].data[STORE_KEY] = "run-old"
+    return operator(**kwargs)
+
+
+def test_new_try_resumes_a_running_run_without_paying_twice(api, context):
+    api.on(RESULT, (200, record("RUNNING", run_id="run-old")), (200, record("SUCCEED", run_id="run-old")))
+    op = resume(context, None, deferrable=False)
+    assert op.execute(context) == {"answer": "42"}
+    assert api.count(INVOKE) == 0
+
+
+def test_new_try_defers_on_a_running_run(api, context):
+    api.on(RESULT, (200, record("PENDING", run_id="run-old")))
+    op = resume(context, None, deferrable=True)
+    with pytest.raises(TaskDeferred) as deferred:
+        op.execute(context)
+    assert deferred.value.trigger.run_id == "run-old"
+    assert api.count(INVOKE) == 0
+
+
+def test_new_try_reuses_a_succeeded_run(api, context):
+    api.on(RESULT, (200, record("SUCCEED", run_id="run-old")))
+    assert resume(context, None, deferrable=False).execute(context) == {"answer": "42"}
+    assert api.count(INVOKE) == 0
+    assert api.count(RESULT) == 1
+    assert context["ti"].xcom["workflow_run_id"] == "run-old"
+
+
+def test_new_try_invokes_anew_after_a_failed_run(api, context):
+    api.on(RESULT, (200, record("FAILED", run_id="run-old")), (200, record("SUCCEED", run_id="run-new")))
+    api.on(INVOKE, (200, accepted("run-new")))
+    assert resume(context, None, deferrable=False).execute(context) == {"answer": "42"}
+    assert api.count(INVOKE) == 1
+    assert context["task_state_store"].data[STORE_KEY] == "run-new"
+
+
+def test_new_try_waits_on_an_unknown_status_rather_than_paying_twice(api, context):
+    api.on(RESULT, (200, record("QUEUED", run_id="run-old")), (200, record("SUCCEED", run_id="run-old")))
+    assert resume(context, None, deferrable=False).execute(context) == {"answer": "42"}
+    assert api.count(INVOKE) == 0
+
+
+def test_new_try_invokes_anew_when_the_old_run_cannot_be_read(api, context):
+    api.on(
+        RESULT,
+        (400, {"code": 40000, "message": "workflowRunId not found"}),
+        (200, record("SUCCEED", run_id="run-new")),
+    )
+    api.on(INVOKE, (200, accepted("run-new")))
+    assert resume(context, None, deferrable=False).execute(context) == {"answer": "42"}
+    assert api.count(INVOKE) == 1
+
+
+def test_new_try_never_invokes_while_the_old_run_is_unreachable(api, context):
+    api.on(RESULT, (503, b"down"))
+    with pytest.raises(AltaBotsTransientError):
+        resume(context, None, deferrable=False, max_consecutive_failures=3).execute(context)
+    assert api.count(INVOKE) == 0
+
+
+def test_durable_false_always_invokes(api, context):
+    context["task_state_store"].data[STORE_KEY] = "run-old"
+    api.on(INVOKE, (200, accepted("run-new")))
+    api.on(RESULT, (200, record("SUCCEED", run_id="run-new")))
+    operator(deferrable=False, durable=False).execute(context)
+    assert api.count(INVOKE) == 1
+
+
+def test_without_a_state_store_the_run_id_still_reaches_xcom_at_once(api):
+    """Below Airflow 3.3 there is no task state store: the run id is logged and pushed to XCom."""
+    from tests.unit.conftest import FakeTI
+
+    context = {"ti": FakeTI()}
+    api.on(INVOKE, (200, accepted("run-x")))
+    with pytest.raises(TaskDeferred):
+        operator(deferrable=True).execute(context)
+    assert context["ti"].xcom["workflow_run_id"] == "run-x"
+
+
+# -- invoke retries: only where no run can have started ------------------------------------------
+
+
+def test_invoke_refused_connection_is_retried(api, context):
+    api.on(INVOKE, refused(), refused(), (200, accepted("run-r")))
+    op = operator(wait_for_termination=False)
+    assert op.execute(context) == "run-r"
+    assert api.count(INVOKE) == 3
+
+
+def test_invoke_rate_limit_is_retried(api, context):
+    api.on(INVOKE, (429, {"code": 42900, "message": "slow"}, {"Retry-After": "2"}), (200, accepted("run-r")))
+    assert operator(wait_for_termination=False).execute(context) == "run-r"
+    assert api.count(INVOKE) == 2
+    time.sleep.assert_any_call(pytest.approx(2.5, abs=0.5))
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        (502, b"<html>bad gateway</html>"),
+        (200, {"code": 50000, "message": "internal error"}),
+        requests.ReadTimeout("read timed out"),
+    ],
+)
+def test_ambiguous_invoke_failure_is_never_sent_again(api, context, failure):
+    api.on(INVOKE, failure)
+    with pytest.raises(AltaBotsInvokeUncertain, match="may have started a run") as caught:
+        operator().execute(context)
+    assert isinstance(caught.value, AirflowFailException)  # no Airflow retry either
+    assert api.count(INVOKE) == 1
+
+
+def test_refused_key_fails_without_retry(api, context):
+    api.on(INVOKE, (401, {"code": 40127, "message": "authentication failed"}))
+    with pytest.raises(AltaBotsAuthError) as caught:
+        operator().execute(context)
+    assert isinstance(caught.value, AirflowFailException)
+    assert api.count(INVOKE) == 1
+
+
+# -- bad input fails before any request ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"input": "{'topic': 'News'}"}, "input must be a mapping"),
+        ({"webhooks": [{"method": "POST", "url": "https://h.example"}] * 6}, "at most 5"),
+        ({"webhooks": [{"url": "https://h.example"}]}, "method"),
+        ({"webhooks": [{"method": "POST", "url": "file:///etc/passwd"}]}, "http"),
+        ({"webhooks": [{"method": "TRACE", "url": "https://h.example"}]}, "method"),
+    ],
+)
+def test_bad_rendered_input_fails_before_any_request(api, context, kwargs, match):
+    with pytest.raises(AltaBotsConfigError, match=match):
+        operator(**kwargs).execute(context)
+    assert api.calls == []
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"poll_interval": 0},
+        {"poll_interval": -5},
+        {"max_poll_interval": 0},
+        {"timeout": 0},
+        {"timeout": -1},
+        {"max_consecutive_failures": 0},
+    ],
+)
+def test_bad_numbers_fail_at_dag_parse(kwargs):
+    with pytest.raises(AltaBotsConfigError):
+        operator(**kwargs)
+
+
+def test_webhook_header_values_are_masked(api, context):
+    from airflow.sdk._shared.secrets_masker import redact
+
+    token = "hook-token-5f2c9a7e1b"
+    api.on(INVOKE, (200, accepted("run-w")))
+    op = operator(
+        wait_for_termination=False,
+        webhooks=[{"method": "POST", "url": "https://h.example", "headers": {"X-Hook": token}}],
+    )
+    op.execute(context)
+    assert token not in redact(f"sending {token}")
+    assert api.calls[0].body["webhook"][0]["headers"] == {"X-Hook": token}  # the API still gets it
+
+
+def test_on_kill_says_the_run_goes_on(capsys):
+    op = operator()
+    op.workflow_run_id = "run-k"
+    op.on_kill()
+    printed = capsys.readouterr().out
+    assert "run-k" in printed
+    assert "no cancel endpoint" in printed
+
+
+def test_new_arguments_do_not_shadow_base_operator_attributes():
+    ours = set(inspect.signature(AltaBotsRunWorkflowOperator.__init__).parameters) - {"self", "kwargs"}
+    clashes = {name for name in ours if hasattr(BaseOperator, name) or name in BaseOperator._comps}
+    assert clashes == set()
+
+
+def test_deferrable_default_follows_airflow_config():
+    code = (
+        "from airflow_provider_altabots.operators.altabots import AltaBotsRunWorkflowOperator as O;"
+        "from airflow_provider_altabots.sensors.altabots import AltaBotsWorkflowRunSensor as S;"
+        "print(O(task_id='t', input={}).deferrable, S(task_id='s', workflow_run_id='r').deferrable)"
+    )
+    for setting, expected in (("True", "True True"), ("False", "False False")):
+        env = {**__import__("os").environ, "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": setting}
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        assert out.stdout.strip().splitlines()[-1] == expected

@@ -1,0 +1,243 @@
+from __future__ import annotations
+
+import json
+from email.utils import formatdate
+
+import pytest
+
+from airflow_provider_altabots import protocol
+from airflow_provider_altabots.exceptions import (
+    AltaBotsApiError,
+    AltaBotsAuthError,
+    AltaBotsConfigError,
+    AltaBotsTransientError,
+)
+
+REQUEST = protocol.result_request("run-9")
+
+
+def read(status: int, body: object, headers: dict[str, str] | None = None) -> dict:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return protocol.read_answer(REQUEST, status, headers or {}, raw)
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [
+        ("SUCCEED", "succeeded"),
+        ("FAILED", "failed"),
+        ("PENDING", "active"),
+        ("RUNNING", "active"),
+        ("SUCCED", "unknown"),  # the typo of one older page is never taken for success
+        ("succeed", "unknown"),
+        (None, "unknown"),
+        ("", "unknown"),
+    ],
+)
+def test_status_kind(status, kind):
+    assert protocol.status_kind(status) == kind
+
+
+def test_invoke_request_body_matches_the_pages():
+    request = protocol.invoke_request(
+        {"topic": "News"},
+        user_id="u-1",
+        webhooks=[{"method": "post", "url": "https://hooks.example/a", "headers": {"X-Token": "t"}}],
+        is_async=True,
+    )
+    assert (request.method, request.path) == ("POST", "/v1/workflow/invoke")
+    assert request.body == {
+        "input": {"topic": "News"},
+        "isAsync": True,
+        "userId": "u-1",
+        "webhook": [{"method": "POST", "url": "https://hooks.example/a", "headers": {"X-Token": "t"}}],
+    }
+
+
+def test_result_request_names_the_run():
+    assert REQUEST.body == {"workflowRunId": "run-9"}
+    assert REQUEST.path == "/v1/workflow/query/result"
+    assert REQUEST.run_id == "run-9"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"input": "not a mapping"}, "input must be a mapping"),
+        ({"input": ["a"]}, "input must be a mapping"),
+        ({"input": {"when": object()}}, "JSON"),
+        ({"input": {}, "webhooks": [{"method": "POST", "url": "https://x.example"}] * 6}, "at most 5"),
+        ({"input": {}, "webhooks": [{"url": "https://x.example"}]}, "method"),
+        ({"input": {}, "webhooks": [{"method": "POST"}]}, "url"),
+        ({"input": {}, "webhooks": [{"method": "FETCH", "url": "https://x.example"}]}, "method"),
+        ({"input": {}, "webhooks": [{"method": "POST", "url": "ftp://x.example/a"}]}, "http"),
+        ({"input": {}, "webhooks": [{"method": "POST", "url": "x.example/a"}]}, "http"),
+        ({"input": {}, "webhooks": [{"method": "POST", "url": "https://x", "headers": {"a": 1}}]}, "headers"),
+        ({"input": {}, "webhooks": {"method": "POST"}}, "list"),
+        ({"input": {}, "webhooks": ["https://x.example"]}, "mapping"),
+        ({"input": {}, "webhooks": [{"method": "POST", "url": "https://x", "body": "?"}]}, "unknown keys"),
+        ({"input": {}, "user_id": ""}, "user_id"),
+    ],
+)
+def test_bad_invoke_input_is_refused_before_sending(kwargs, match):
+    with pytest.raises(AltaBotsConfigError, match=match):
+        protocol.invoke_request(**kwargs)
+
+
+@pytest.mark.parametrize("run_id", ["", "   ", None, 42])
+def test_empty_run_id_is_refused(run_id):
+    with pytest.raises(AltaBotsConfigError, match="run id"):
+        protocol.result_request(run_id)
+
+
+def test_ok_answer_is_returned():
+    assert read(200, {"status": "RUNNING", "workflowRunId": "run-9"})["status"] == "RUNNING"
+
+
+def test_code_zero_in_2xx_is_success():
+    assert read(200, {"code": 0, "status": "RUNNING"})["status"] == "RUNNING"
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (401, {"code": 40127, "message": "authentication failed"}),
+        (403, {"error": {"code": "forbidden", "message": "no", "status": 403}}),
+        (200, {"code": 40127, "message": "authentication failed"}),
+        (400, {"code": "40127", "message": "authentication failed"}),
+    ],
+)
+def test_refused_key_is_an_auth_error_without_the_key(status, body):
+    with pytest.raises(AltaBotsAuthError) as caught:
+        read(status, body)
+    assert "refused the API key" in caught.value.message
+    assert caught.value.run_id == "run-9"
+
+
+def test_rate_limit_is_transient_and_reads_retry_after():
+    with pytest.raises(AltaBotsTransientError) as caught:
+        read(429, {"code": 42900, "message": "slow down"}, {"Retry-After": "7"})
+    assert caught.value.rate_limited
+    assert caught.value.retry_after == 7.0
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (500, {"code": 50000, "message": "internal"}),
+        (503, b"<html>Service Unavailable</html>"),
+        (200, {"code": 50000, "message": "internal error"}),
+        (200, b"<html>captive portal</html>"),
+        (200, b""),
+        (200, b"[1, 2]"),
+    ],
+)
+def test_server_side_failures_are_transient(status, body):
+    with pytest.raises(AltaBotsTransientError) as caught:
+        read(status, body)
+    assert not caught.value.rate_limited
+    assert "query workflow run run-9" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "code", "hint"),
+    [
+        (400, {"code": 40000, "message": "input.topic missing"}, 40000, "Start node"),
+        (200, {"code": 20022, "message": "no credits"}, 20022, "top up"),
+        (200, {"code": 20055, "message": "api off"}, 20055, "enable it"),
+        (
+            400,
+            {"error": {"code": "invalid_request", "message": "bad", "status": 400}},
+            "invalid_request",
+            "bad",
+        ),
+        (404, b"not found", None, "not found"),
+    ],
+)
+def test_api_errors_in_both_body_shapes(status, body, code, hint):
+    with pytest.raises(AltaBotsApiError) as caught:
+        read(status, body)
+    assert caught.value.code == code
+    assert caught.value.http_status == status
+    assert hint in caught.value.message
+
+
+def test_retry_after_forms():
+    now = 1_760_000_000.0
+    assert protocol.retry_after({"retry-after": "12"}, now) == 12.0
+    assert protocol.retry_after({"Retry-After": formatdate(now + 10, usegmt=True)}, now) == 10.0
+    assert protocol.retry_after({"X-RateLimit-Reset": str(now + 30)}, now) == 30.0
+    assert protocol.retry_after({"X-RateLimit-Reset": str((now + 30) * 1000)}, now) == 30.0
+    assert protocol.retry_after({"X-RateLimit-Reset": "45"}, now) == 45.0
+    assert protocol.retry_after({"X-RateLimit-Reset": str(now - 5)}, now) == 0.0
+    assert protocol.retry_after({"X-RateLimit-Reset": "soon"}, now) is None
+    assert protocol.retry_after({}, now) is None
+
+
+def test_run_summary_drops_input_and_output():
+    summary = protocol.run_summary(
+        {"input": {"a": 1}, "output": {"b": 2}, "status": "SUCCEED", "totalCost": 1}
+    )
+    assert summary == {"status": "SUCCEED", "totalCost": 1}
+
+
+def test_failure_message_names_run_workflow_and_what_the_api_said():
+    message = protocol.failure_message(
+        {
+            "workflowRunId": "run-7",
+            "workflowName": "todayNews",
+            "workflowId": "wf-1",
+            "workflowVersion": "1.0.1",
+            "status": "FAILED",
+            "workflowExecutionTime": 1500,
+            "output": {"error": "LLM node timed out"},
+        }
+    )
+    assert "run-7" in message
+    assert "todayNews" in message
+    assert "LLM node timed out" in message
+    assert "1.5 s" in message
+
+
+def test_read_run_id_refuses_an_answer_without_one():
+    with pytest.raises(AltaBotsApiError, match="no workflowRunId"):
+        protocol.read_run_id(protocol.invoke_request({}), {"status": "PENDING"})
+
+
+class TestConnectionSettings:
+    def make(self, host="https://altatech.ai", port=None, password="k", **extra):
+        return protocol.ConnectionSettings.from_connection("c", host, port, password, extra)
+
+    def test_defaults(self):
+        settings = self.make(host=None)
+        assert settings.base_url == "https://altatech.ai"
+        assert settings.auth_scheme == "bearer"
+        assert settings.timeout == 30.0
+        assert settings.headers["Authorization"] == "Bearer k"
+
+    def test_gptbots_raw_key(self):
+        settings = self.make(host="https://api-sg.gptbots.ai/", auth_scheme="raw", timeout="12")
+        assert settings.url("/v1/workflow/invoke") == "https://api-sg.gptbots.ai/v1/workflow/invoke"
+        assert settings.headers["Authorization"] == "k"
+        assert settings.timeout == 12.0
+
+    def test_bare_host_and_port(self):
+        assert self.make(host="altatech.ai").base_url == "https://altatech.ai"
+        assert self.make(host="http://127.0.0.1", port=8765).base_url == "http://127.0.0.1:8765"
+
+    def test_key_never_in_repr(self):
+        assert "secret-key" not in repr(self.make(password="secret-key"))
+
+    @pytest.mark.parametrize(
+        ("kwargs", "match"),
+        [
+            ({"password": None}, "no API key"),
+            ({"auth_scheme": "basic"}, "auth_scheme"),
+            ({"timeout": 0}, "timeout"),
+            ({"timeout": "soon"}, "timeout"),
+            ({"host": "ftp://altatech.ai"}, "base URL"),
+        ],
+    )
+    def test_bad_connection(self, kwargs, match):
+        with pytest.raises(AltaBotsConfigError, match=match):
+            self.make(**kwargs)

@@ -1,0 +1,173 @@
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import logging
+import time
+
+import httpx
+import pytest
+
+from airflow_provider_altabots.hooks import altabots as hook_module
+from airflow_provider_altabots.triggers.altabots import AltaBotsWorkflowRunTrigger
+from tests.fake_api import API_KEY, RESULT, record
+
+FAST = {"poll_interval": 0.01, "max_poll_interval": 0.02}
+
+
+def first_event(trigger: AltaBotsWorkflowRunTrigger) -> dict:
+    async def go():
+        return await anext(trigger.run())
+
+    return asyncio.run(go()).payload
+
+
+def test_serialize_round_trip_holds_only_ids_and_numbers():
+    trigger = AltaBotsWorkflowRunTrigger(
+        "run-3",
+        "my_conn",
+        deadline=1_760_000_123.5,
+        poll_interval=3,
+        max_poll_interval=30,
+        max_consecutive_failures=4,
+    )
+    classpath, kwargs = trigger.serialize()
+    assert classpath == "airflow_provider_altabots.triggers.altabots.AltaBotsWorkflowRunTrigger"
+    assert all(isinstance(value, str | int | float) for value in kwargs.values())
+    assert kwargs["run_id"] == "run-3"
+    assert kwargs["deadline"] == 1_760_000_123.5
+    rebuilt = AltaBotsWorkflowRunTrigger(**kwargs)
+    assert rebuilt.serialize() == (classpath, kwargs)
+    assert API_KEY not in json.dumps(kwargs)
+
+
+def test_success_event_is_small(api):
+    api.on(RESULT, (200, record("PENDING")), (200, record("RUNNING")), (200, record("SUCCEED")))
+    event = first_event(AltaBotsWorkflowRunTrigger("run-1", **FAST))
+    assert event["status"] == "success"
+    assert event["run_id"] == "run-1"
+    assert set(event) == {"status", "run_id", "message"}
+    assert len(json.dumps(event)) < 300
+    assert "output" not in json.dumps(event)
+    assert api.count(RESULT) == 3
+
+
+def test_failed_run_event_names_run_and_api_message(api):
+    api.on(RESULT, (200, record("FAILED", run_id="run-1", output={"error": "LLM node timed out"})))
+    event = first_event(AltaBotsWorkflowRunTrigger("run-1", **FAST))
+    assert event["status"] == "failed"
+    assert "run-1" in event["message"]
+    assert "LLM node timed out" in event["message"]
+
+
+def test_refused_key_fails_at_once(api):
+    api.on(RESULT, (401, {"code": 40127, "message": "authentication failed"}))
+    event = first_event(AltaBotsWorkflowRunTrigger("run-1", **FAST))
+    assert event["status"] == "auth"
+    assert api.count(RESULT) == 1
+    assert API_KEY not in event["message"]
+
+
+def test_deadline_makes_a_final_check_then_reports_last_status(api):
+    api.on(RESULT, (200, record("RUNNING")))
+    deadline = time.time() + 0.3
+    event = first_event(AltaBotsWorkflowRunTrigger("run-1", deadline=deadline, **FAST))
+    assert event["status"] == "timeout"
+    assert event["last_status"] == "RUNNING"
+    assert "run-1" in event["message"]
+    assert time.time() >= deadline
+
+
+def test_deadline_in_the_past_after_a_restart_checks_once_and_can_still_succeed(api):
+    api.on(RESULT, (200, record("SUCCEED")))
+    event = first_event(AltaBotsWorkflowRunTrigger("run-1", deadline=time.time() - 3600, **FAST))
+    assert event["status"] == "success"
+    assert api.count(RESULT) == 1
+
+
+def test_429_waits_as_retry_after_says(api):
+    api.on(
+        RESULT,
+        (429, {"code": 42900, "message": "slow down"}, {"Retry-After": "0.3"}),
+        (200, record("SUCCEED")),
+    )
+    event = first_event(AltaBotsWorkflowRunTrigger("run-1", **FAST))
+    assert event["status"] == "success"
+    first, second = api.calls
+    assert second.at - first.at >= 0.3
+
+
+def test_transient_errors_are_ridden_out(api):
+    api.on(
+        RESULT,
+        (503, b"busy"),
+        httpx.ConnectError("refused"),
+        (500, {"code": 50000}),
+        (200, record("SUCCEED")),
+    )
+    event = first_event(AltaBotsWorkflowRunTrigger("run-1", max_consecutive_failures=4, **FAST))
+    assert event["status"] == "success"
+    assert api.count(RESULT) == 4
+
+
+def test_consecutive_failures_end_as_status_unknown(api):
+    api.on(RESULT, (502, b"bad gateway"))
+    event = first_event(AltaBotsWorkflowRunTrigger("run-1", max_consecutive_failures=3, **FAST))
+    assert event["status"] == "unknown"
+    assert "3 checks in a row failed" in event["message"]
+    assert api.count(RESULT) == 3
+
+
+def test_many_triggers_share_one_client(api, mocker):
+    api.on(RESULT, (200, record("RUNNING")), (200, record("RUNNING")), (200, record("SUCCEED")))
+    made = mocker.spy(httpx, "AsyncClient")
+
+    async def go():
+        triggers = [AltaBotsWorkflowRunTrigger(f"run-{n}", **FAST) for n in range(100)]
+        return await asyncio.gather(*(anext(t.run()) for t in triggers))
+
+    events = asyncio.run(go())
+    assert [e.payload["status"] for e in events] == ["success"] * 100
+    assert made.call_count == 1
+    assert len(hook_module._SHARED_CLIENTS) == 0
+
+
+def test_cancelled_trigger_releases_the_client(api):
+    api.on(RESULT, (200, record("RUNNING")))
+
+    async def go():
+        task = asyncio.create_task(anext(AltaBotsWorkflowRunTrigger("run-1", **FAST).run()))
+        await asyncio.sleep(0.1)
+        assert len(hook_module._SHARED_CLIENTS) == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return len(hook_module._SHARED_CLIENTS)
+
+    assert asyncio.run(go()) == 0
+
+
+def test_run_never_blocks_the_event_loop(api, caplog):
+    """asyncio's debug mode logs every callback that holds the loop longer than the threshold."""
+    api.on(RESULT, (200, record("RUNNING")), (200, record("SUCCEED")))
+    first_event(AltaBotsWorkflowRunTrigger("warm-up", **FAST))  # first imports are not the trigger's doing
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        loop.slow_callback_duration = 0.03
+        triggers = [AltaBotsWorkflowRunTrigger(f"run-{n}", **FAST) for n in range(20)]
+        return await asyncio.gather(*(anext(t.run()) for t in triggers))
+
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    # A full garbage collection of a test process's large heap can hold the loop too; that is
+    # the interpreter's doing, not a blocking call of the trigger, so it is kept out of the way.
+    gc.collect()
+    gc.disable()
+    try:
+        events = asyncio.run(go(), debug=True)
+    finally:
+        gc.enable()
+    assert all(e.payload["status"] == "success" for e in events)
+    slow = [r.getMessage() for r in caplog.records if r.name == "asyncio" and "took" in r.getMessage()]
+    assert slow == []
