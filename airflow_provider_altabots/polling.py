@@ -100,7 +100,7 @@ class PollPolicy:
         jitter = random.uniform(0.5, 1.0)  # noqa: S311 - spreading retries, not security
         if error.retry_after is not None:
             return error.retry_after + jitter * min(self.poll_interval, 1.0)
-        return jitter * min(self.poll_interval * 2 ** (attempt - 1), self.backoff_cap)
+        return jitter * min(self.poll_interval * 2.0 ** (attempt - 1), self.backoff_cap)
 
 
 def deadline_after(timeout: float | None, now: float | None = None) -> float | None:

@@ -404,7 +404,7 @@ def _same_code(code: object, expected: int) -> bool:
 def _said(status_code: int, code: object, message: str | None, raw: bytes | None) -> str:
     parts = [f"HTTP {status_code}"]
     if code is not None:
-        hint = CODE_HINTS.get(int(code)) if str(code).isdigit() else None
+        hint = CODE_HINTS.get(int(str(code))) if str(code).isdigit() else None
         parts.append(f"code {code}" + (f", {hint}" if hint else ""))
     if message:
         parts.append(f"the API said: {_snippet(message)}")

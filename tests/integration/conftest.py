@@ -127,11 +127,15 @@ class DagResult:
         return self.ti(task_id, map_index).xcom_pull(task_ids=task_id, key=key, map_indexes=map_index)
 
 
-def load_dag(dag_id: str) -> Any:
-    """A freshly parsed example DAG (tests may change its tasks without affecting others)."""
+EXAMPLES = REPO / "example_dags"
+TEST_DAGS = Path(__file__).parent / "dags"
+
+
+def load_dag(dag_id: str, folder: Path = EXAMPLES, file: str | None = None) -> Any:
+    """A freshly parsed DAG (tests may change its tasks without affecting others)."""
     from airflow.dag_processing.dagbag import DagBag
 
-    bag = DagBag(str(REPO / "example_dags" / f"{dag_id}.py"))
+    bag = DagBag(str(folder / f"{file or dag_id}.py"))
     assert bag.import_errors == {}
     return bag.get_dag(dag_id)
 
@@ -140,8 +144,8 @@ def load_dag(dag_id: str) -> Any:
 def run_dag(airflow_db: None, capfd):
     """Run an example DAG with dag.test(); ``tweak(dag)`` may adjust its tasks first."""
 
-    def run(dag_id: str, tweak=None) -> DagResult:
-        dag = load_dag(dag_id)
+    def run(dag_id: str, tweak=None, folder: Path = EXAMPLES, file: str | None = None) -> DagResult:
+        dag = load_dag(dag_id, folder, file)
         if tweak:
             tweak(dag)
         dag_run = dag.test()
