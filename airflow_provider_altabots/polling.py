@@ -12,7 +12,8 @@ decisions:
   it doubles from ``poll_interval`` with jitter, up to :attr:`PollPolicy.backoff_cap`.
 * A 5xx answer or a network error is retried the same way. Only ``max_consecutive_failures``
   failed checks in a row end the wait, as :class:`AltaBotsStatusUnknown`: the run's fate is
-  unknown, which is not the same as failed. A 429 is not a failure: the API answered.
+  unknown, which is not the same as failed. A 429 is not a failure: the API answered, so it
+  also ends a streak of failures.
 * A deadline (absolute Unix time, so it survives a triggerer restart) bounds the wait. The last
   wait is cut short to end at the deadline, the status is checked once more, and only then is
   :class:`AltaBotsRunTimeout` raised, naming the last status seen.
@@ -60,6 +61,9 @@ class PollPolicy:
     :param growth: factor by which the wait grows after each check that finds the run active.
     :param backoff_cap: the longest wait after an error or a 429 that said nothing about when to
         come back.
+    :param rate_limit_patience: how long one API call (an invoke, the final read of a result)
+        keeps waiting out 429s before giving up. A wait for a run is bounded by its deadline
+        instead.
     """
 
     poll_interval: float = DEFAULT_POLL_INTERVAL
@@ -67,9 +71,10 @@ class PollPolicy:
     max_consecutive_failures: int = DEFAULT_MAX_CONSECUTIVE_FAILURES
     growth: float = 1.5
     backoff_cap: float = 300.0
+    rate_limit_patience: float = 900.0
 
     def __post_init__(self) -> None:
-        for name in ("poll_interval", "max_poll_interval", "growth", "backoff_cap"):
+        for name in ("poll_interval", "max_poll_interval", "growth", "backoff_cap", "rate_limit_patience"):
             object.__setattr__(self, name, protocol.positive_seconds(getattr(self, name), name))
         if self.max_poll_interval < self.poll_interval:
             raise AltaBotsConfigError(
@@ -110,6 +115,35 @@ def deadline_after(timeout: float | None, now: float | None = None) -> float | N
     return (time.time() if now is None else now) + timeout
 
 
+class ErrorStreak:
+    """
+    How long to wait after each transient error of a row, and when the row is too long.
+
+    A 429 means the API is up and answering: it ends a streak of failures and waits as the API
+    asked. A 5xx or a network error extends the streak; the ``max_consecutive_failures``-th
+    error of a streak gives up. :meth:`reset` after a successful call.
+    """
+
+    def __init__(self, policy: PollPolicy) -> None:
+        self.policy = policy
+        self.failures = 0
+        self.rate_limited = 0
+
+    def reset(self) -> None:
+        self.failures = self.rate_limited = 0
+
+    def delay(self, error: AltaBotsTransientError) -> float | None:
+        """Seconds to wait before trying again, or ``None`` when the streak of failures is too long."""
+        if error.rate_limited:
+            self.failures = 0
+            self.rate_limited += 1
+            return self.policy.delay_after_error(error, self.rate_limited)
+        self.failures += 1
+        if self.failures >= self.policy.max_consecutive_failures:
+            return None
+        return self.policy.delay_after_error(error, self.failures)
+
+
 class RunWatch:
     """
     The state of one wait for one run: feed it each check's outcome, it says how long to wait.
@@ -136,8 +170,7 @@ class RunWatch:
         self.log = log or logging.getLogger(__name__)
         self.clock = clock
         self.interval = policy.poll_interval
-        self.failures = 0
-        self.rate_limited = 0
+        self.errors = ErrorStreak(policy)
         self.checks = 0
         self.last_status: str | None = None
         self.record: dict[str, Any] | None = None
@@ -160,7 +193,7 @@ class RunWatch:
         if isinstance(outcome, AltaBotsTransientError):
             delay = self._after_error(outcome)
         else:
-            self.failures = self.rate_limited = 0
+            self.errors.reset()
             self.record = dict(outcome)
             status = outcome.get("status")
             self.last_status = str(status)
@@ -190,32 +223,28 @@ class RunWatch:
         return self._until_deadline(delay)
 
     def _after_error(self, error: AltaBotsTransientError) -> float:
-        if error.rate_limited:
-            self.rate_limited += 1
-            delay = self.policy.delay_after_error(error, self.rate_limited)
-            self.log.warning(
-                "Status check of workflow run %s was rate limited; next check in %.1f s.", self.run_id, delay
-            )
-            return delay
-        self.failures += 1
-        limit = self.policy.max_consecutive_failures
-        if self.failures >= limit:
+        delay = self.errors.delay(error)
+        if delay is None:
             raise AltaBotsStatusUnknown(
-                f"The status of workflow run {self.run_id} is unknown: {self.failures} checks in a row "
-                f"failed, the last with: {error.message} The run itself may still be going or may have "
+                f"The status of workflow run {self.run_id} is unknown: {self.errors.failures} checks in a "
+                f"row failed, the last with: {error.message} The run itself may still be going or may have "
                 "ended; a task retry resumes waiting for the same run. Raise max_consecutive_failures "
                 "to ride out longer outages.",
                 run_id=self.run_id,
             )
-        delay = self.policy.delay_after_error(error, self.failures)
-        self.log.warning(
-            "Status check %d of %d allowed failures for workflow run %s: %s Next check in %.1f s.",
-            self.failures,
-            limit,
-            self.run_id,
-            error.message,
-            delay,
-        )
+        if error.rate_limited:
+            self.log.warning(
+                "Status check of workflow run %s was rate limited; next check in %.1f s.", self.run_id, delay
+            )
+        else:
+            self.log.warning(
+                "Status check %d of %d allowed failures for workflow run %s: %s Next check in %.1f s.",
+                self.errors.failures,
+                self.policy.max_consecutive_failures,
+                self.run_id,
+                error.message,
+                delay,
+            )
         return delay
 
     def _until_deadline(self, delay: float) -> float:
@@ -252,23 +281,25 @@ def call_with_retries(
     retry_if: Callable[[AltaBotsTransientError], bool] = lambda error: True,
     log: Logger | None = None,
     sleep: Callable[[float], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> T:
     """
     Make one API call, retrying transient errors for which ``retry_if`` holds.
 
-    At most ``policy.max_consecutive_failures`` attempts, 429s included (a wait for a run is
-    bounded by its deadline instead, see :class:`RunWatch`). The last error, or the first one
-    ``retry_if`` refuses, is raised.
+    The same rules as a wait for a run (:class:`ErrorStreak`): 429s are waited out as the API
+    asks, for up to ``policy.rate_limit_patience`` seconds in all; ``max_consecutive_failures``
+    5xx or network errors in a row give up. The last error, or the first one ``retry_if``
+    refuses, is raised.
     """
     sleep = sleep or time.sleep
-    attempt = 0
+    streak = ErrorStreak(policy)
+    give_up_at = clock() + policy.rate_limit_patience
     while True:
         try:
             return call()
         except AltaBotsTransientError as error:
-            attempt += 1
-            if not retry_if(error) or attempt >= policy.max_consecutive_failures:
+            delay = streak.delay(error) if retry_if(error) else None
+            if delay is None or clock() + delay > give_up_at:
                 raise
-            delay = policy.delay_after_error(error, attempt)
             (log or logging.getLogger(__name__)).warning("%s Trying again in %.1f s.", error.message, delay)
             sleep(delay)

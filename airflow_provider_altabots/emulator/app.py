@@ -37,7 +37,8 @@ Inspection endpoints (no auth; the emulator's own, not the vendor's); they answe
   start-up defaults).
 * ``GET|POST|DELETE /_emulator/faults``: see :mod:`.faults`.
 * ``GET|DELETE /_emulator/requests``: the log of API requests received (``seq``, ``time``,
-  ``method``, ``path``, ``headers``, ``body``, ``status``, ``dropped``), oldest first, the last
+  ``method``, ``path``, ``headers``, ``body``, ``status``, ``dropped``, and ``answered``: when the
+  answer was sent, ``limit_headers``: its ``Retry-After``/``X-RateLimit-*`` headers), oldest first, the last
   200,000 kept; filters ``?path=``, ``?since=<seq>``, ``?limit=<n>`` (the last n).
 * ``GET /_emulator/stats``: request counts (total, by path, by status), invokes, runs by status.
 * ``GET /_emulator/runs`` (``?status=``) and ``GET /_emulator/runs/<id>``: the emulator's view
@@ -134,10 +135,25 @@ def _header_dict(raw: bytes) -> dict[str, str]:
     return headers
 
 
+#: Answer headers kept in the request log, so tests can check a client waited as it was told.
+_LIMIT_HEADERS = frozenset({"retry-after", "x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"})
+
+
 class LoggedRequest:
     """One API request in the request log (kept compact; decoded when shown)."""
 
-    __slots__ = ("body", "dropped", "method", "path", "raw_headers", "seq", "status", "time")
+    __slots__ = (
+        "answered",
+        "body",
+        "dropped",
+        "limit_headers",
+        "method",
+        "path",
+        "raw_headers",
+        "seq",
+        "status",
+        "time",
+    )
 
     def __init__(
         self, seq: int, when: float, method: str, path: str, raw_headers: bytes, body: bytes
@@ -150,6 +166,8 @@ class LoggedRequest:
         self.body = body
         self.status: int | None = None
         self.dropped = False
+        self.answered: float | None = None
+        self.limit_headers: dict[str, str] = {}
 
     def to_json(self) -> dict[str, Any]:
         """The entry as ``GET /_emulator/requests`` shows it."""
@@ -166,6 +184,8 @@ class LoggedRequest:
             "body": body,
             "status": self.status,
             "dropped": self.dropped,
+            "answered": self.answered,
+            "limit_headers": self.limit_headers,
         }
 
 
@@ -237,6 +257,10 @@ class EmulatorApp:
         return self._answer_later(entry, result)
 
     def _answered(self, entry: LoggedRequest, response: Response) -> None:
+        entry.answered = time.time()
+        entry.limit_headers = {
+            name: value for name, value in response.headers if name.lower() in _LIMIT_HEADERS
+        }
         if response.drop:
             entry.dropped = True
             self.dropped += 1

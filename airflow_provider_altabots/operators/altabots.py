@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import BaseOperator, ResumableJobMixin, conf, mask_secret
@@ -10,6 +11,7 @@ from airflow.providers.common.compat.sdk import BaseOperator, ResumableJobMixin,
 from airflow_provider_altabots import protocol
 from airflow_provider_altabots.exceptions import (
     AltaBotsApiError,
+    AltaBotsError,
     AltaBotsInvokeUncertain,
     AltaBotsTransientError,
 )
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
 #: Status recorded when a stored run id cannot be read back; neither active nor succeeded, so a
 #: new run is invoked.
 _UNREADABLE = "UNREADABLE"
+#: Task-state-store key present while an invoke's answer is outstanding.
+INVOKE_MARKER_KEY = "altabots_invoke_unanswered"
 
 
 class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperator):
@@ -179,10 +183,7 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
 
     def submit_job(self, context: Context) -> str:
         """Invoke the workflow asynchronously and record the run id at once."""
-        answer = self._send_invoke()
-        assert self._invoke is not None
-        run_id = protocol.read_run_id(self._invoke, answer)
-        self._started(context, run_id, answer)
+        run_id, _ = self._start_run(context)
         return run_id
 
     def get_job_status(self, external_id: JsonValue, context: Context) -> str:
@@ -231,10 +232,7 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
     # -- helpers ----------------------------------------------------------------------------
 
     def _execute_sync_invoke(self, context: Context) -> Any:
-        record = self._send_invoke()
-        assert self._invoke is not None
-        run_id = protocol.read_run_id(self._invoke, record)
-        self._started(context, run_id, record)
+        run_id, record = self._start_run(context)
         watch = RunWatch(run_id, self.policy, log=self.log)
         if watch.observe(record) is None:
             return self._publish(context, record)
@@ -242,6 +240,43 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
             "The invoke answered before run %s ended (%s); waiting for it.", run_id, record.get("status")
         )
         return self.poll_until_complete(run_id, context)
+
+    def _start_run(self, context: Context) -> tuple[str, dict[str, Any]]:
+        """
+        Send the invoke and record the run id: in XCom, the log and the task state store.
+
+        While the invoke's answer is outstanding, a marker in the task state store says so. A
+        later try that finds the marker still unanswered (the worker died mid-invoke, e.g. during
+        a long synchronous call) cannot know whether a run was started and billed, so it fails
+        with :class:`AltaBotsInvokeUncertain` instead of invoking again; it removes the marker,
+        so clearing the task afterwards is the user's go-ahead for a new run.
+        """
+        store = context.get("task_state_store") if getattr(self, "durable", False) else None
+        if store is not None:
+            marker, known = store.get(INVOKE_MARKER_KEY), store.get(self.external_id_key)
+            if isinstance(marker, Mapping) and marker.get("after") == known:
+                store.delete(INVOKE_MARKER_KEY)
+                raise AltaBotsInvokeUncertain(
+                    f"An earlier try of this task sent an invoke at {marker.get('at')} and stopped before "
+                    "the API answered, so a run may have started, and been billed, under an id nobody "
+                    "learned. It is not invoked again automatically: look for the run in the vendor's "
+                    "console, then clear this task if you want a new run."
+                )
+            store.set(INVOKE_MARKER_KEY, {"after": known, "at": datetime.now(UTC).isoformat()})
+        try:
+            answer = self._send_invoke()
+            assert self._invoke is not None
+            run_id = protocol.read_run_id(self._invoke, answer)
+        except AltaBotsError:
+            # The outcome is known, or the user is told it is not: the marker has done its job.
+            if store is not None:
+                store.delete(INVOKE_MARKER_KEY)
+            raise
+        if store is not None:
+            # Once the run id is stored, the marker (whose "after" is the previous id) is stale.
+            store.set(self.external_id_key, run_id)
+        self._started(context, run_id, answer)
+        return run_id, answer
 
     def _send_invoke(self) -> dict[str, Any]:
         """Send the invoke; retry only where it surely started no run (not sent, or HTTP 429)."""

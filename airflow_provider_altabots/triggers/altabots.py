@@ -9,13 +9,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_provider_altabots.exceptions import AltaBotsError, AltaBotsRunTimeout, AltaBotsTransientError
 from airflow_provider_altabots.hooks.altabots import AltaBotsHook
-from airflow_provider_altabots.polling import (
-    DEFAULT_MAX_CONSECUTIVE_FAILURES,
-    DEFAULT_MAX_POLL_INTERVAL,
-    DEFAULT_POLL_INTERVAL,
-    PollPolicy,
-    RunWatch,
-)
+from airflow_provider_altabots.polling import PollPolicy, RunWatch
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -43,9 +37,9 @@ class AltaBotsWorkflowRunTrigger(BaseTrigger):
     :param altabots_conn_id: the connection to poll through.
     :param deadline: absolute Unix time after which the wait ends with a final check; ``None``
         waits until the run ends. Absolute, so it survives a triggerer restart.
-    :param poll_interval: seconds before the first check; later waits grow 1.5 times.
-    :param max_poll_interval: the longest wait between checks.
-    :param max_consecutive_failures: failed checks in a row that end the wait as "status unknown".
+    :param policy: the fields of :class:`~airflow_provider_altabots.polling.PollPolicy`
+        (``poll_interval``, ``max_poll_interval``, ``max_consecutive_failures``, ...): plain
+        numbers, as the operator passes them.
     """
 
     def __init__(
@@ -54,23 +48,13 @@ class AltaBotsWorkflowRunTrigger(BaseTrigger):
         altabots_conn_id: str = AltaBotsHook.default_conn_name,
         *,
         deadline: float | None = None,
-        poll_interval: float = DEFAULT_POLL_INTERVAL,
-        max_poll_interval: float = DEFAULT_MAX_POLL_INTERVAL,
-        max_consecutive_failures: int = DEFAULT_MAX_CONSECUTIVE_FAILURES,
-        growth: float = 1.5,
-        backoff_cap: float = 300.0,
+        **policy: Any,
     ) -> None:
         super().__init__()
         self.run_id = run_id
         self.altabots_conn_id = altabots_conn_id
         self.deadline = deadline
-        self.policy = PollPolicy(
-            poll_interval=poll_interval,
-            max_poll_interval=max_poll_interval,
-            max_consecutive_failures=max_consecutive_failures,
-            growth=growth,
-            backoff_cap=backoff_cap,
-        )
+        self.policy = PollPolicy(**policy)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (

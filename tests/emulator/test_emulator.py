@@ -800,3 +800,16 @@ def test_webhooks_of_sync_invokes_and_never_ending_runs_are_not_called(
     time.sleep(0.3)
     assert receiver.calls == []
     assert client.get("/_emulator/webhooks").json() == {"deliveries": []}
+
+
+def test_request_log_records_answer_time_and_rate_limit_headers() -> None:
+    with Emulator(api_keys=["k-limit"], run_seconds=0.2) as emulator:
+        emulator.set_faults(rate_limit={"limit": 1, "window_seconds": 30, "headers": "retry-after"})
+        with httpx.Client(base_url=emulator.url) as http:
+            for _ in range(2):
+                http.get("/v1/api-key/verify", headers=bearer("k-limit"))
+        first, second = emulator.requests()
+    assert first["status"] == 200
+    assert first["answered"] >= first["time"]
+    assert second["status"] == 429
+    assert 1 <= int(second["limit_headers"]["Retry-After"]) <= 30

@@ -45,6 +45,9 @@ class FakeStateStore:
     def set(self, key: str, value: Any, *, retention: Any = None) -> None:
         self.data[key] = value
 
+    def delete(self, key: str) -> None:
+        self.data.pop(key, None)
+
 
 @pytest.fixture
 def context() -> dict[str, Any]:

@@ -366,3 +366,68 @@ def test_deferrable_default_follows_airflow_config():
             [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
         )
         assert out.stdout.strip().splitlines()[-1] == expected
+
+
+# -- a worker that died mid-invoke must not lead to a second, silent invoke ----------------------
+
+MARKER = "altabots_invoke_unanswered"
+
+
+def test_invoke_leaves_a_stale_marker_and_the_run_id(api, context):
+    api.on(INVOKE, (200, accepted("run-1")))
+    operator(wait_for_termination=False).execute(context)
+    store = context["task_state_store"].data
+    assert store[STORE_KEY] == "run-1"
+    assert store[MARKER]["after"] is None  # set before the invoke, when no run id was known
+
+
+def test_retry_after_a_death_mid_invoke_refuses_to_pay_twice(api, context):
+    context["task_state_store"].data[MARKER] = {"after": None, "at": "2026-11-23T10:00:00+00:00"}
+    with pytest.raises(AltaBotsInvokeUncertain, match="2026-11-23T10:00:00") as caught:
+        operator(deferrable=True).execute(context)
+    assert isinstance(caught.value, AirflowFailException)
+    assert api.calls == []
+    assert MARKER not in context["task_state_store"].data  # a later clear is the go-ahead
+
+
+def test_retry_after_a_death_mid_reinvoke_refuses_too(api, context):
+    """The earlier run FAILED, a new invoke was sent, and the worker died before its answer."""
+    context["task_state_store"].data.update(
+        {STORE_KEY: "run-failed", MARKER: {"after": "run-failed", "at": "t"}}
+    )
+    api.on(RESULT, (200, record("FAILED", run_id="run-failed")))
+    with pytest.raises(AltaBotsInvokeUncertain):
+        operator(deferrable=False).execute(context)
+    assert api.count(INVOKE) == 0
+
+
+def test_a_stale_marker_does_not_block_a_new_run(api, context):
+    """The marker's invoke was answered (its run id stored), so a FAILED run is invoked anew."""
+    context["task_state_store"].data.update({STORE_KEY: "run-failed", MARKER: {"after": None, "at": "t"}})
+    api.on(RESULT, (200, record("FAILED", run_id="run-failed")), (200, record("SUCCEED", run_id="run-new")))
+    api.on(INVOKE, (200, accepted("run-new")))
+    assert operator(deferrable=False).execute(context) == {"answer": "42"}
+    assert api.count(INVOKE) == 1
+    assert context["task_state_store"].data[MARKER]["after"] == "run-failed"
+
+
+def test_sync_invoke_death_mid_run_is_not_reinvoked(api, context):
+    context["task_state_store"].data[MARKER] = {"after": None, "at": "t"}
+    with pytest.raises(AltaBotsInvokeUncertain):
+        operator(sync_invoke=True).execute(context)
+    assert api.calls == []
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        (401, {"code": 40127, "message": "authentication failed"}),
+        (400, {"code": 40000, "message": "bad"}),
+        (502, b"bad gateway"),
+    ],
+)
+def test_marker_is_removed_when_the_invoke_outcome_is_reported(api, context, failure):
+    api.on(INVOKE, failure)
+    with pytest.raises(AltaBotsError):
+        operator().execute(context)
+    assert MARKER not in context["task_state_store"].data

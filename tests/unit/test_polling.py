@@ -127,6 +127,15 @@ def test_rate_limits_follow_retry_after_and_do_not_count_as_failures(mocker):
     assert clock.sleeps[1:] == [30.5] * 10  # 30 s asked + jitter (0.5 x min(poll_interval, 1 s))
 
 
+def test_a_rate_limit_between_server_errors_ends_the_failure_streak(mocker):
+    """503s scattered through a 429 storm are not "consecutive": the API keeps answering."""
+    mocker.patch("random.uniform", return_value=1.0)
+    outcomes = [server_error(), rate_limited(1.0)] * 6 + [record("SUCCEED")]
+    result, clock, _ = run(outcomes, PollPolicy(poll_interval=2, max_consecutive_failures=2))
+    assert result["status"] == "SUCCEED"
+    assert clock.sleeps[1::2] == [2] * 6  # each 5xx backoff starts again from the first step
+
+
 def test_rate_limits_without_headers_back_off_exponentially_with_a_cap(mocker):
     mocker.patch("random.uniform", return_value=1.0)
     outcomes = [rate_limited()] * 6 + [record("SUCCEED")]
@@ -251,3 +260,28 @@ class TestCallWithRetries:
         with pytest.raises(AltaBotsTransientError):
             call_with_retries(call, PollPolicy(), retry_if=lambda error: not error.sent, sleep=sleep)
         sleep.assert_not_called()
+
+    def test_rate_limits_and_scattered_5xx_do_not_use_up_the_failure_budget(self, mocker):
+        sleep = mocker.Mock()
+        calls = iter([rate_limited(1.0), server_error()] * 10 + [{"ok": True}])
+
+        def call():
+            value = next(calls)
+            if isinstance(value, Exception):
+                raise value
+            return value
+
+        policy = PollPolicy(max_consecutive_failures=2)
+        assert call_with_retries(call, policy, sleep=sleep) == {"ok": True}
+        assert sleep.call_count == 20
+
+    def test_rate_limits_are_waited_out_for_at_most_the_patience(self, mocker):
+        clock = Clock()
+
+        def call():
+            raise rate_limited(100.0)
+
+        policy = PollPolicy(rate_limit_patience=250)
+        with pytest.raises(AltaBotsTransientError):
+            call_with_retries(call, policy, sleep=clock.sleep, clock=clock)
+        assert len(clock.sleeps) == 2  # a third wait of 100 s would pass the 250 s patience

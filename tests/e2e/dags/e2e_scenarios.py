@@ -1,0 +1,120 @@
+"""
+DAGs of the end-to-end suite, one per scenario. Each uses its own connection, so the emulator
+can give each scenario its own workflow (run length, outcome) and its own faults.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any, NoReturn
+
+from airflow.sdk import DAG, task
+
+from airflow_provider_altabots.operators.altabots import AltaBotsRunWorkflowOperator
+
+START = datetime(2026, 1, 1)
+COMMON: dict[str, Any] = {"schedule": None, "start_date": START, "catchup": False, "tags": ["e2e"]}
+
+with DAG("e2e_deferred", **COMMON):
+    AltaBotsRunWorkflowOperator(
+        task_id="deferred",
+        altabots_conn_id="altabots_deferred",
+        input={"topic": "e2e"},
+        deferrable=True,
+        poll_interval=1,
+        max_poll_interval=5,
+        webhooks=[
+            {
+                "method": "POST",
+                "url": "{{ var.value.altabots_e2e_hook_url }}",
+                "headers": {"X-Callback-Code": "{{ var.value.altabots_e2e_hook_code }}"},
+            }
+        ],
+    )
+
+with DAG("e2e_sync", **COMMON):
+    # The same workflow run as e2e_deferred, in one blocking call: the worker-slot comparison.
+    AltaBotsRunWorkflowOperator(
+        task_id="sync", altabots_conn_id="altabots_sync", input={"topic": "e2e"}, sync_invoke=True
+    )
+
+
+def mapped(dag_id: str, conn_id: str, count: int) -> None:
+    with DAG(dag_id, max_active_tasks=count, **COMMON):
+        AltaBotsRunWorkflowOperator.partial(
+            task_id="run",
+            altabots_conn_id=conn_id,
+            deferrable=True,
+            poll_interval=2,
+            max_poll_interval=10,
+            retries=0,
+        ).expand(input=[{"n": n} for n in range(count)])
+
+
+mapped("e2e_fanout", "altabots_fanout", 200)
+mapped("e2e_triggerer_restart", "altabots_restart", 20)
+mapped("e2e_triggerer_takeover", "altabots_takeover", 20)
+mapped("e2e_storm", "altabots_storm", 10)
+
+
+class CheckBeforeDeferOperator(AltaBotsRunWorkflowOperator):
+    """
+    For the worker-crash scenario only: checks the run once after its id is stored and before
+    deferring. The operator itself sends nothing in that window, which lasts milliseconds; this
+    check gives the emulator a request to hold open while the test kills the worker there.
+    """
+
+    def defer_until_done(self, run_id: str, deadline: float | None) -> NoReturn:
+        self.hook.get_run_result(run_id)
+        super().defer_until_done(run_id, deadline)
+
+
+with DAG("e2e_worker_crash", **COMMON):
+    CheckBeforeDeferOperator(
+        task_id="crash",
+        altabots_conn_id="altabots_crash",
+        input={"topic": "crash"},
+        deferrable=True,
+        poll_interval=1,
+        retries=1,
+        retry_delay=timedelta(seconds=1),
+    )
+
+with DAG("e2e_worker_crash_mid_invoke", **COMMON):
+    AltaBotsRunWorkflowOperator(
+        task_id="crash",
+        altabots_conn_id="altabots_crash_invoke",
+        input={"topic": "crash"},
+        deferrable=True,
+        poll_interval=1,
+        retries=1,
+        retry_delay=timedelta(seconds=1),
+    )
+
+with DAG("e2e_failed_run", **COMMON):
+    failing = AltaBotsRunWorkflowOperator(
+        task_id="failing",
+        altabots_conn_id="altabots_failing",
+        input={"topic": "fail"},
+        deferrable=True,
+        poll_interval=1,
+        retries=0,
+    )
+
+    @task
+    def downstream(output: dict) -> None:
+        print(output)
+
+    downstream(failing.output)
+
+with DAG("e2e_endless_run", **COMMON):
+    AltaBotsRunWorkflowOperator(
+        task_id="endless",
+        altabots_conn_id="altabots_endless",
+        input={"topic": "forever"},
+        deferrable=True,
+        poll_interval=1,
+        max_poll_interval=3,
+        timeout=10,
+        retries=0,
+    )

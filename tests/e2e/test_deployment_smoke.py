@@ -1,0 +1,168 @@
+"""
+Smoke tests of the end-to-end deployment itself (``scripts/deployment.py``): one deferrable DAG
+run through the real processes, and the triggerer life cycle the other end-to-end tests rely on
+(kill, restart, a second triggerer taking over).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from scripts.deployment import Deployment, session_members
+from tests.conftest import REPO
+from tests.e2e.waiting import wait_until
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+pytestmark = pytest.mark.e2e
+
+E2E_BIN = REPO / ".venv-e2e" / "bin"
+DAGS = REPO / "tests" / "e2e" / "dags"
+API_KEY = "sk-e2e-smoke-5d20b7c1"
+DAG_ID = "e2e_smoke"
+OUTPUT = {"answer": "smoke", "items": [1, 2, 3]}
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    if not (E2E_BIN / "airflow").is_file():
+        pytest.skip(f"no end-to-end virtualenv at {E2E_BIN}: run `make e2e-env` first")
+    with Deployment(
+        tmp_path_factory.mktemp("deployment"),
+        airflow_bin=E2E_BIN,
+        dags_folder=DAGS,
+        connections={"altabots_default": API_KEY},
+        emulator_args=["--run-seconds", "2", "--pending-seconds", "0.3"],
+        # "sqlite" runs these on the fallback backend; "postgresql" fails instead of falling back.
+        backend=os.environ.get("ALTABOTS_E2E_BACKEND", "auto"),
+    ) as started:
+        print(f"deployment on {started.backend} started in {started.timings}")
+        yield started
+
+
+def task_state(deployment: Deployment, run_id: str) -> tuple[str | None, int | None]:
+    """State of the ``run`` task and the job id of the triggerer its trigger is assigned to."""
+    rows = deployment.sql(
+        "SELECT ti.state, t.triggerer_id FROM task_instance ti LEFT JOIN trigger t ON t.id = ti.trigger_id "
+        "WHERE ti.dag_id = %s AND ti.run_id = %s AND ti.task_id = %s",
+        (DAG_ID, run_id, "run"),
+    )
+    return (rows[0][0], rows[0][1]) if rows else (None, None)
+
+
+def deferred_on_a_triggerer(deployment: Deployment, run_id: str) -> int:
+    """Wait until the task's trigger runs on a triggerer (it logged its start); its job id."""
+
+    def running() -> int | None:
+        state, triggerer_id = task_state(deployment, run_id)
+        if state != "deferred" or triggerer_id is None:
+            return None
+        # Assignment comes first; the trigger starts at the triggerer's next loop.
+        return triggerer_id if "starting" in trigger_logs(deployment, run_id).get(triggerer_id, "") else None
+
+    return int(
+        wait_until(
+            "trigger running on a triggerer",
+            running,
+            60,
+            context=lambda: deployment.diagnostics(DAG_ID, run_id),
+        )
+    )
+
+
+def trigger_logs(deployment: Deployment, run_id: str) -> dict[int, str]:
+    """Job ids of the triggerers that wrote a trigger log for the run, with the log's text."""
+    logs = deployment.task_logs(DAG_ID, run_id, "run")
+    found = {}
+    for name, text in logs.items():
+        if ".log.trigger." in name:
+            found[int(name.rsplit(".trigger.", 1)[1].removesuffix(".log"))] = text
+    return found
+
+
+def xcom_value(deployment: Deployment, run_id: str, key: str) -> Any:
+    rows = deployment.sql(
+        "SELECT value FROM xcom WHERE dag_id = %s AND run_id = %s AND task_id = %s AND key = %s",
+        (DAG_ID, run_id, "run", key),
+    )
+    assert len(rows) == 1, rows
+    value = rows[0][0]
+    # PostgreSQL's driver decodes the JSON column; SQLite hands back its text.
+    return json.loads(value) if deployment.backend == "sqlite" else value
+
+
+def test_deferred_run_succeeds_through_every_component(deployment: Deployment) -> None:
+    deployment.emulator_reset()
+    deployment.set_workflow(API_KEY, output=OUTPUT, run_seconds=2)
+
+    run_id = deployment.trigger_dag(DAG_ID)
+    assert deployment.wait_for_dag_run(DAG_ID, run_id, timeout=120) == "success"
+
+    rows = deployment.sql(
+        "SELECT state, try_number FROM task_instance WHERE dag_id = %s AND run_id = %s AND task_id = %s",
+        (DAG_ID, run_id, "run"),
+    )
+    assert rows == [("success", 1)]
+    assert xcom_value(deployment, run_id, "return_value") == OUTPUT
+
+    invokes = deployment.emulator_requests("/v1/workflow/invoke")
+    assert len(invokes) == 1
+    assert invokes[0]["body"]["input"] == {"q": "hi"}
+    (run,) = deployment.emulator_runs()
+    assert xcom_value(deployment, run_id, "workflow_run_id") == run["run_id"]
+    assert deployment.emulator_run(run["run_id"])["record"]["output"] == OUTPUT
+    # The triggerer, not the worker, waited: its trigger log says the trigger fired.
+    logs = trigger_logs(deployment, run_id)
+    assert list(logs) == [deployment.job_id("triggerer")]
+    (text,) = logs.values()
+    assert "Trigger fired event" in text
+    assert "trigger completed" in text
+    assert deployment.emulator_requests("/v1/workflow/query/result")
+
+
+def test_triggerer_kill_restart_and_takeover(deployment: Deployment) -> None:
+    deployment.emulator_reset()
+    # Runs long enough to kill a triggerer in the middle of each.
+    deployment.set_workflow(API_KEY, output=OUTPUT, run_seconds=8)
+
+    # 1. Kill the triggerer holding the trigger; restart it under the same name.
+    run_id = deployment.trigger_dag(DAG_ID)
+    first_job = deferred_on_a_triggerer(deployment, run_id)
+    assert first_job == deployment.job_id("triggerer")
+    old_pid = deployment.pid("triggerer")
+    deployment.kill("triggerer")
+    assert not deployment.running("triggerer")
+    assert session_members([old_pid]) == []  # the trigger runner child went too
+
+    deployment.restart("triggerer")
+    assert deployment.pid("triggerer") != old_pid
+    second_job = deployment.job_id("triggerer")
+    assert second_job != first_job
+    assert deployment.wait_for_dag_run(DAG_ID, run_id, timeout=120) == "success"
+    assert trigger_logs(deployment, run_id).keys() == {first_job, second_job}
+    assert "Trigger fired event" in trigger_logs(deployment, run_id)[second_job]
+
+    # 2. With a second triggerer up, killing the one holding a trigger hands it to the other.
+    deployment.start_triggerer("triggerer-2")
+    by_job = {deployment.job_id(name): name for name in ("triggerer", "triggerer-2")}
+    run_id = deployment.trigger_dag(DAG_ID)
+    holder = deferred_on_a_triggerer(deployment, run_id)
+    assert holder in by_job
+    deployment.kill(by_job[holder])
+    (survivor,) = set(by_job) - {holder}
+    assert deployment.wait_for_dag_run(DAG_ID, run_id, timeout=120) == "success"
+    logs = trigger_logs(deployment, run_id)
+    assert logs.keys() == {holder, survivor}
+    assert "Trigger fired event" in logs[survivor]
+    assert xcom_value(deployment, run_id, "return_value") == OUTPUT
+    assert len(deployment.emulator_requests("/v1/workflow/invoke")) == 2
+
+    # The killed one comes back under its name, whichever it was.
+    deployment.restart(by_job[holder])
+    assert deployment.running("triggerer")
+    assert deployment.running("triggerer-2")
