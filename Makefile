@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a machine with only Python 3.11+:
 #   make demo   run the deferrable example DAG against the local emulator
 #   make test   the whole test suite: lint, unit, integration, and the end-to-end deployment suite
+#   make bench  the benchmarks (not part of make test), written to BENCHMARKS.md
 # Everything is created on first use and redone only when its inputs change.
 
 PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
@@ -20,7 +21,15 @@ E2E_DEPS := $(E2E_VENV)/.deps
 E2E_INSTALLED := $(E2E_VENV)/.installed
 PROVIDER_SOURCES := $(shell find airflow_provider_altabots -name '*.py' -o -name py.typed 2>/dev/null)
 
-.PHONY: demo test lint unit e2e e2e-env postgres deployment install constraints clean
+# make bench compares this provider with others in its own virtualenv, so the test environment
+# never carries them. Versions pinned for repeatable figures.
+BENCH_VENV := .venv-bench
+BENCH_DEPS := $(BENCH_VENV)/.deps
+BENCH_INSTALLED := $(BENCH_VENV)/.installed
+BENCH_PACKAGES := apache-airflow-providers-dbt-cloud==4.11.1 apache-airflow-providers-airbyte==6.2.0 \
+	apache-airflow-providers-http==6.3.0 matplotlib==3.11.2
+
+.PHONY: demo test lint unit e2e e2e-env postgres deployment bench install constraints clean
 
 $(BIN)/python:
 	@test -n "$(PYTHON)" || { echo "make: Python 3.11 or newer is needed (python3.11, python3.12 or python3.13)"; exit 1; }
@@ -75,6 +84,25 @@ test: lint e2e-env postgres
 deployment: $(INSTALLED) e2e-env postgres
 	$(BIN)/python scripts/deployment.py
 
+$(BENCH_VENV)/bin/python:
+	@test -n "$(PYTHON)" || { echo "make: Python 3.11 or newer is needed"; exit 1; }
+	$(PYTHON) -m venv $(BENCH_VENV)
+
+$(BENCH_DEPS): pyproject.toml constraints.txt | $(BENCH_VENV)/bin/python
+	$(BENCH_VENV)/bin/python -m pip install $(PIP_FLAGS) -c constraints.txt "$(AIRFLOW)" requests httpx $(BENCH_PACKAGES)
+	@touch $@
+
+$(BENCH_INSTALLED): $(BENCH_DEPS) $(PROVIDER_SOURCES)
+	rm -rf .bench-dist
+	$(BENCH_VENV)/bin/python -m pip wheel $(PIP_FLAGS) --no-deps -w .bench-dist .
+	$(BENCH_VENV)/bin/python -m pip install $(PIP_FLAGS) --no-deps --force-reinstall .bench-dist/*.whl
+	@touch $@
+
+# Parse cost, triggerer fan-out and completion delay, beside the dbt Cloud, Airbyte and HTTP
+# providers; writes BENCHMARKS.md and bench/results/. About 15 minutes on 2 cores.
+bench: $(BENCH_INSTALLED)
+	$(BENCH_VENV)/bin/python bench/run.py
+
 # Re-resolve every dependency from scratch and pin the result.
 constraints:
 	rm -rf .venv-constraints
@@ -86,4 +114,4 @@ constraints:
 	rm -rf .venv-constraints
 
 clean:
-	rm -rf $(VENV) $(E2E_VENV) .e2e-dist .demo .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) $(E2E_VENV) $(BENCH_VENV) .e2e-dist .bench-dist .demo .pytest_cache .ruff_cache .mypy_cache

@@ -193,6 +193,7 @@ class _HttpProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast("asyncio.Transport", transport)
         self._server.connections.add(self)
+        self._server.connections_opened += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -391,6 +392,8 @@ class HttpServer:
         self.access_log = access_log
         self.date = _DateHeader()
         self.connections: set[_HttpProtocol] = set()
+        #: Connections accepted since start, open or closed: how many a client has opened.
+        self.connections_opened = 0
         self._server: asyncio.Server | None = None
 
     async def start(self) -> int:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from airflow.providers.common.compat.sdk import AirflowNotFoundException, BaseHook
 
@@ -27,7 +28,10 @@ if TYPE_CHECKING:
     import requests
 
 #: The most TCP connections one shared async client opens to the API, however many triggers use it.
-ASYNC_MAX_CONNECTIONS = 64
+#: The vendor's plans allow a few requests a minute (GPTBots free) to 1,000 an hour (AltaBots
+#: professional), far below what 16 connections carry; and every idle pooled connection adds to
+#: the cost of each request in httpx's pool (see BENCHMARKS.md), so more would only cost CPU.
+ASYNC_MAX_CONNECTIONS = 16
 #: Seconds allowed to open a connection (the rest of the request has the connection's ``timeout``).
 CONNECT_TIMEOUT = 10.0
 
@@ -58,7 +62,7 @@ class AltaBotsHook(BaseHook):
         self.altabots_conn_id = altabots_conn_id
         self._settings: protocol.ConnectionSettings | None = None
         self._session: requests.Session | None = None
-        self._leased: httpx.AsyncClient | None = None
+        self._leased: _PooledClient | None = None
 
     # -- connection ------------------------------------------------------------------------
 
@@ -165,8 +169,9 @@ class AltaBotsHook(BaseHook):
         """Send one request from async code through the shared client of this connection."""
         if self._leased is not None:
             return await self._asend(self._leased, request)
-        async with self.shared_client() as client:
-            return await self._asend(client, request)
+        async with self.shared_client():
+            assert self._leased is not None
+            return await self._asend(self._leased, request)
 
     @asynccontextmanager
     async def shared_client(self) -> AsyncIterator[httpx.AsyncClient]:
@@ -179,24 +184,32 @@ class AltaBotsHook(BaseHook):
         last user leaves.
         """
         settings = await self.aget_settings()
-        async with _SHARED_CLIENTS.lease(settings) as client:
-            self._leased = client
+        async with _SHARED_CLIENTS.lease(settings) as pooled:
+            self._leased = pooled
             try:
-                yield client
+                yield pooled.client
             finally:
                 self._leased = None
 
-    async def _asend(self, client: httpx.AsyncClient, request: protocol.ApiRequest) -> dict[str, Any]:
+    async def _asend(self, pooled: _PooledClient, request: protocol.ApiRequest) -> dict[str, Any]:
         import httpx
 
         settings = await self.aget_settings()
         try:
-            response = await client.request(
-                request.method, settings.url(request.path), json=request.body, headers=settings.headers
-            )
+            async with pooled.gate:
+                response = await pooled.client.request(
+                    request.method, settings.url(request.path), json=request.body, headers=settings.headers
+                )
         except httpx.HTTPError as error:
             raise _network_error(request, error, sent=_reached_server_async(error)) from error
         return protocol.read_answer(request, response.status_code, response.headers, response.content)
+
+
+class _PooledClient(NamedTuple):
+    """A shared client and the gate that keeps its pool from queueing requests."""
+
+    client: httpx.AsyncClient
+    gate: asyncio.Semaphore
 
 
 class _SharedClients:
@@ -206,41 +219,60 @@ class _SharedClients:
     Building a client loads the CA bundle into an SSL context, which holds the thread for tens of
     milliseconds; that is done once per process, in a worker thread, so the event loop that
     serves every other trigger never waits for it.
+
+    Requests pass a semaphore as wide as the pool before they reach it. httpx's pool scans every
+    queued request against every connection whenever one frees up, so a burst of hundreds of
+    checks (mapped tasks deferring together) queued inside it costs time quadratic in the burst,
+    all on the triggerer's event loop; waiting on a semaphore costs nothing per waiter.
     """
 
     def __init__(self) -> None:
-        self._clients: dict[tuple[int, str], tuple[httpx.AsyncClient, list[int]]] = {}
+        self._clients: dict[tuple[int, str], tuple[_PooledClient, list[int]]] = {}
         self._ssl_context: ssl.SSLContext | None = None
+        self._ssl_lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._clients)
 
-    @asynccontextmanager
-    async def lease(self, settings: protocol.ConnectionSettings) -> AsyncIterator[httpx.AsyncClient]:
+    def _build_ssl_context(self) -> ssl.SSLContext:
+        """Build the SSL context once, however many triggers start at the same moment."""
         import httpx
 
-        if self._ssl_context is None:
-            self._ssl_context = await asyncio.to_thread(httpx.create_ssl_context)
+        with self._ssl_lock:
+            if self._ssl_context is None:
+                self._ssl_context = httpx.create_ssl_context()
+            return self._ssl_context
+
+    @asynccontextmanager
+    async def lease(self, settings: protocol.ConnectionSettings) -> AsyncIterator[_PooledClient]:
+        import httpx
+
+        ssl_context = self._ssl_context
+        if ssl_context is None:
+            ssl_context = await asyncio.to_thread(self._build_ssl_context)
         key = (id(asyncio.get_running_loop()), _fingerprint(settings))
         entry = self._clients.get(key)
         if entry is None:
             client = httpx.AsyncClient(
-                verify=self._ssl_context,
+                verify=ssl_context,
                 timeout=httpx.Timeout(settings.timeout, connect=min(CONNECT_TIMEOUT, settings.timeout)),
                 limits=httpx.Limits(
                     max_connections=ASYNC_MAX_CONNECTIONS, max_keepalive_connections=ASYNC_MAX_CONNECTIONS
                 ),
             )
-            entry = self._clients[key] = (client, [0])
-        client, users = entry
+            entry = self._clients[key] = (
+                _PooledClient(client, asyncio.Semaphore(ASYNC_MAX_CONNECTIONS)),
+                [0],
+            )
+        pooled, users = entry
         users[0] += 1
         try:
-            yield client
+            yield pooled
         finally:
             users[0] -= 1
             if users[0] == 0 and self._clients.get(key) is entry:
                 del self._clients[key]
-                await client.aclose()
+                await pooled.client.aclose()
 
 
 _SHARED_CLIENTS = _SharedClients()

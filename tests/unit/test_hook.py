@@ -191,3 +191,34 @@ def test_different_connections_do_not_share_a_client(api, mocker, monkeypatch):
     asyncio.run(go())
     assert made.call_count == 2
     assert {call.headers["authorization"] for call in api.calls} == {f"Bearer {API_KEY}", "Bearer other-key"}
+
+
+def test_a_burst_of_checks_waits_outside_the_pool(api, mocker):
+    """However many triggers check at once, at most ASYNC_MAX_CONNECTIONS requests reach httpx's pool."""
+    in_flight, most, sent = 0, 0, 0
+
+    async def slow(transport, request):
+        nonlocal in_flight, most, sent
+        sent += 1
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.2)
+        in_flight -= 1
+        return httpx.Response(200, json=record("RUNNING"))
+
+    mocker.patch("httpx.AsyncHTTPTransport.handle_async_request", new=slow)
+
+    async def go():
+        hooks = [AltaBotsHook() for _ in range(5 * hook_module.ASYNC_MAX_CONNECTIONS)]
+        for hook in hooks:  # read the connection first, so that every check is sent at once
+            await hook.aget_settings()
+
+        async def use(hook):
+            async with hook.shared_client():
+                await hook.aget_run_result("run-1")
+
+        await asyncio.gather(*(use(hook) for hook in hooks))
+
+    asyncio.run(go())
+    assert sent == 5 * hook_module.ASYNC_MAX_CONNECTIONS
+    assert most == hook_module.ASYNC_MAX_CONNECTIONS
