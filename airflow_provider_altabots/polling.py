@@ -5,9 +5,11 @@ One policy serves the operator (polling from the worker), the sensor and the tri
 from the triggerer); it holds no I/O, so both the blocking and the asyncio loops drive the same
 decisions:
 
-* The first check comes ``poll_interval`` seconds after the invoke; each later wait is 1.5 times
-  the one before, up to ``max_poll_interval``. Short runs are seen quickly and long runs cost
-  few requests: a 10-minute run with the defaults takes about 17 checks.
+* The first check comes ``poll_interval`` seconds after the wait starts, the second as long
+  after that; from then on each wait is ``growth`` (1.5) times the one before, up to
+  ``max_poll_interval``. Short runs are seen quickly and long runs cost few requests: with the
+  defaults the checks fall at 2, 4, 7, 11.5, 18, 28, 44, 66, 100 and 152 s, then every 60 s,
+  so a 10-minute run takes 18 checks (figures against fixed intervals: ``BENCHMARKS.md``).
 * On HTTP 429 the wait is what ``Retry-After`` or ``X-RateLimit-Reset`` says; without either,
   it doubles from ``poll_interval`` with jitter, up to :attr:`PollPolicy.backoff_cap`.
 * A 5xx answer or a network error is retried the same way. Only ``max_consecutive_failures``

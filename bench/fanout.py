@@ -8,8 +8,8 @@ a triggerer supervised over its comms channel and metadata database; the loop it
 trigger is the one reproduced here. The clients:
 
 * ``ours``: :class:`AltaBotsWorkflowRunTrigger` with its default policy;
-* ``bare``: the floor, a bare loop over one ``httpx.AsyncClient`` making the same requests on
-  the same schedule, with no error handling, logging or policy;
+* ``bare``: the floor, a bare loop over one ``httpx.AsyncClient`` (pooled and gated as ours is)
+  making the same requests on the same schedule, with no error handling, logging or policy;
 * ``dbt``: ``DbtCloudRunJobTrigger`` (its default 60 s interval) against a dbt-Cloud-shaped
   status route.
 
@@ -96,7 +96,16 @@ async def _invoke_all(admin_url: str, api_key: str, n: int) -> list[str]:
 def _bare_waiters(url: str, api_key: str, run_ids: list[str]) -> tuple[list[Any], Any]:
     import httpx
 
-    client = httpx.AsyncClient()
+    from airflow_provider_altabots.hooks.altabots import ASYNC_MAX_CONNECTIONS
+
+    # The same pool as ours, and a gate as wide in front of it: without the gate a burst of
+    # checks queues inside httpx's pool, whose cost grows with the queue, until its pool timeout
+    # fails requests; a floor that falls over is no floor.
+    width = ASYNC_MAX_CONNECTIONS
+    client = httpx.AsyncClient(
+        limits=httpx.Limits(max_connections=width, max_keepalive_connections=width), timeout=30
+    )
+    gate = asyncio.Semaphore(width)
     headers = {"Authorization": f"Bearer {api_key}"}
     endpoint = url + "/v1/workflow/query/result"
 
@@ -104,7 +113,8 @@ def _bare_waiters(url: str, api_key: str, run_ids: list[str]) -> tuple[list[Any]
         interval = 2.0
         while True:
             await asyncio.sleep(interval)
-            answer = await client.post(endpoint, json={"workflowRunId": run_id}, headers=headers)
+            async with gate:
+                answer = await client.post(endpoint, json={"workflowRunId": run_id}, headers=headers)
             status = answer.json().get("status")
             if status in ("SUCCEED", "FAILED"):
                 return {"status": "success" if status == "SUCCEED" else "error", "run_id": run_id}

@@ -35,3 +35,16 @@ os.environ["AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST"] = json.dumps(
 os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{_home / 'airflow.db'}"
 os.environ["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] = "http://127.0.0.1:8080/execution/"
 os.environ.pop("AIRFLOW_CONN_ALTABOTS_DEFAULT", None)
+
+
+import pytest  # noqa: E402 - after the environment above is set
+
+
+@pytest.fixture(autouse=True)
+def _fresh_connection_reads():
+    """Each test reads its own connections: forget what the hooks shared in earlier tests."""
+    from airflow_provider_altabots.hooks import altabots
+
+    altabots._SETTINGS.clear()
+    yield
+    altabots._SETTINGS.clear()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
+import time
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -22,7 +23,7 @@ from airflow_provider_altabots.exceptions import AltaBotsConfigError, AltaBotsEr
 
 if TYPE_CHECKING:
     import ssl
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
     import httpx
     import requests
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 #: professional), far below what 16 connections carry; and every idle pooled connection adds to
 #: the cost of each request in httpx's pool (see BENCHMARKS.md), so more would only cost CPU.
 ASYNC_MAX_CONNECTIONS = 16
+#: Seconds for which hooks in one process share one read of a connection (see ``aget_settings``).
+SETTINGS_TTL = 60.0
 #: Seconds allowed to open a connection (the rest of the request has the connection's ``timeout``).
 CONNECT_TIMEOUT = 10.0
 
@@ -79,22 +82,28 @@ class AltaBotsHook(BaseHook):
         return self._settings
 
     async def aget_settings(self) -> protocol.ConnectionSettings:
-        """Read and check the connection without blocking the event loop (once per hook)."""
-        if self._settings is None:
-            from airflow.providers.common.compat.connection import (
-                get_async_connection,
-                get_async_extra_dejson,
-            )
+        """
+        Read and check the connection without blocking the event loop (once per hook).
 
-            try:
-                conn = await get_async_connection(self.altabots_conn_id, self)
-            except AirflowNotFoundException:
-                raise _missing_connection(self.altabots_conn_id) from None
-            extra = await get_async_extra_dejson(conn)
-            self._settings = protocol.ConnectionSettings.from_connection(
-                self.altabots_conn_id, conn.host, conn.port, conn.password, extra
-            )
+        Hooks of one connection in one process share a read for :data:`SETTINGS_TTL` seconds: a
+        triggerer that starts hundreds of waits at once reads the connection once, not once per
+        trigger (each read holds the event loop and, in a triggerer, asks the API server).
+        """
+        if self._settings is None:
+            self._settings = await _SETTINGS.get(self.altabots_conn_id, self._read_settings)
         return self._settings
+
+    async def _read_settings(self) -> protocol.ConnectionSettings:
+        from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
+
+        try:
+            conn = await get_async_connection(self.altabots_conn_id, self)
+        except AirflowNotFoundException:
+            raise _missing_connection(self.altabots_conn_id) from None
+        extra = await get_async_extra_dejson(conn)
+        return protocol.ConnectionSettings.from_connection(
+            self.altabots_conn_id, conn.host, conn.port, conn.password, extra
+        )
 
     # -- the API, synchronously ----------------------------------------------------------------
 
@@ -203,6 +212,41 @@ class AltaBotsHook(BaseHook):
         except httpx.HTTPError as error:
             raise _network_error(request, error, sent=_reached_server_async(error)) from error
         return protocol.read_answer(request, response.status_code, response.headers, response.content)
+
+
+class _SharedSettings:
+    """
+    Connection settings read once per connection id and shared for ``SETTINGS_TTL`` seconds.
+
+    Hooks that ask while a read is under way wait for that read instead of starting their own;
+    a failed read is not kept, so the next hook tries again.
+    """
+
+    def __init__(self) -> None:
+        self._settings: dict[str, tuple[float, protocol.ConnectionSettings]] = {}
+        self._reading: dict[tuple[int, str], asyncio.Future[protocol.ConnectionSettings]] = {}
+
+    def clear(self) -> None:
+        self._settings.clear()
+
+    async def get(
+        self, conn_id: str, read: Callable[[], Awaitable[protocol.ConnectionSettings]]
+    ) -> protocol.ConnectionSettings:
+        cached = self._settings.get(conn_id)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        key = (id(asyncio.get_running_loop()), conn_id)
+        reading = self._reading.get(key)
+        if reading is None:
+            reading = self._reading[key] = asyncio.ensure_future(read())
+            reading.add_done_callback(lambda _: self._reading.pop(key, None))
+        # Shielded: a trigger cancelled while waiting must not cancel the read others wait for.
+        settings = await asyncio.shield(reading)
+        self._settings[conn_id] = (time.monotonic() + SETTINGS_TTL, settings)
+        return settings
+
+
+_SETTINGS = _SharedSettings()
 
 
 class _PooledClient(NamedTuple):

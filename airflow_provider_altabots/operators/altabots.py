@@ -81,7 +81,8 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
     :param wait_for_termination: wait for the run to end. ``False`` returns the run id at once.
     :param deferrable: wait on the triggerer instead of the worker (default: the
         ``[operators] default_deferrable`` setting).
-    :param poll_interval: seconds before the first status check; later waits grow 1.5 times.
+    :param poll_interval: seconds before the first status check, and again before the second;
+        later waits grow 1.5 times.
     :param max_poll_interval: the longest wait between two status checks, in seconds.
     :param timeout: seconds to wait for the run to end (``None``: no limit). When it passes, the
         status is checked once more and the task fails naming the run and its last status; the

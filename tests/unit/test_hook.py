@@ -222,3 +222,47 @@ def test_a_burst_of_checks_waits_outside_the_pool(api, mocker):
     asyncio.run(go())
     assert sent == 5 * hook_module.ASYNC_MAX_CONNECTIONS
     assert most == hook_module.ASYNC_MAX_CONNECTIONS
+
+
+def test_hooks_starting_together_read_the_connection_once(api, mocker):
+    reads = mocker.spy(AltaBotsHook, "_read_settings")
+
+    async def go():
+        hooks = [AltaBotsHook() for _ in range(50)]
+        return await asyncio.gather(*(hook.aget_settings() for hook in hooks))
+
+    settings = asyncio.run(go())
+    assert reads.call_count == 1
+    assert {s.url("/x") for s in settings} == {f"{BASE_URL}/x"}
+
+
+def test_a_shared_connection_read_expires(api, mocker, monkeypatch):
+    reads = mocker.spy(AltaBotsHook, "_read_settings")
+    monkeypatch.setattr(hook_module, "SETTINGS_TTL", 0.0)
+    for _ in range(2):
+        asyncio.run(AltaBotsHook().aget_settings())
+    assert reads.call_count == 2
+
+
+def test_a_failed_connection_read_is_not_kept(api, monkeypatch):
+    monkeypatch.delenv("AIRFLOW_CONN_ALTABOTS_DEFAULT")
+    with pytest.raises(AltaBotsConfigError, match="altabots_default"):
+        asyncio.run(AltaBotsHook().aget_settings())
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_ALTABOTS_DEFAULT",
+        json.dumps({"conn_type": "altabots", "host": BASE_URL, "password": "k2"}),
+    )
+    assert asyncio.run(AltaBotsHook().aget_settings()).url("/x") == f"{BASE_URL}/x"
+
+
+def test_a_cancelled_wait_does_not_cancel_the_read_others_share(api):
+    async def go():
+        first, second = AltaBotsHook(), AltaBotsHook()
+        waiting = asyncio.ensure_future(first.aget_settings())
+        await asyncio.sleep(0)
+        sharing = asyncio.ensure_future(second.aget_settings())
+        await asyncio.sleep(0)
+        waiting.cancel()
+        return await sharing
+
+    assert asyncio.run(go()).url("/x") == f"{BASE_URL}/x"
