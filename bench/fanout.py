@@ -138,7 +138,8 @@ def _trigger_waiters(triggers: list[Any]) -> list[Any]:
 async def _measure(client_name: str, n: int, ports: dict[str, int]) -> dict[str, Any]:
     admin_url = f"http://127.0.0.1:{ports['admin']}"
     url = f"https://127.0.0.1:{ports[client_name]}"
-    # Import what the client runs before the runs start, so no run ends during an import.
+    # Import what the client runs before the runs start and before CPU is counted, so neither a
+    # run's end nor the figures wait on an import.
     if client_name == "dbt":
         try:
             from airflow.providers.dbt.cloud.triggers.dbt import DbtCloudRunJobTrigger
@@ -148,10 +149,11 @@ async def _measure(client_name: str, n: int, ports: dict[str, int]) -> dict[str,
                 "n": n,
                 "skipped": f"apache-airflow-providers-dbt-cloud is not installed ({error})",
             }
-    elif client_name == "ours":
-        from airflow_provider_altabots.triggers.altabots import AltaBotsWorkflowRunTrigger
     else:
         import httpx  # noqa: F401
+
+        import airflow_provider_altabots.hooks.altabots  # noqa: F401 - the pool width bare copies
+        from airflow_provider_altabots.triggers.altabots import AltaBotsWorkflowRunTrigger
 
     if client_name == "dbt":
         seconds = [random.uniform(*_RUN_SECONDS) for _ in range(n)]
@@ -182,7 +184,7 @@ async def _measure(client_name: str, n: int, ports: dict[str, int]) -> dict[str,
     closers: list[Any] = []
     gc.collect()
     rss_before = _rss_bytes()
-    stats_before = _admin(admin_url, "/_bench/stats")[client_name]
+    stats_before = _admin(admin_url, f"/_bench/stats?reset_peak={client_name}")[client_name]
     loop = asyncio.get_running_loop()
     lags: list[float] = []
     peak_rss = rss_before
@@ -227,6 +229,7 @@ async def _measure(client_name: str, n: int, ports: dict[str, int]) -> dict[str,
         "cpu_ms_per_request": 1000 * cpu / max(requests, 1),
         "peak_kib_per_trigger": max(peak_rss - rss_before, 0) / 1024 / n,
         "connections_opened": stats_after["connections_opened"] - stats_before["connections_opened"],
+        "connections_peak": stats_after["connections_peak"],
         "lag_p99_s": _quantile(lags, 0.99),
         "lag_max_s": lags[-1] if lags else 0.0,
         "lag_over_0_2s": sum(lag > 0.2 for lag in lags),
@@ -313,39 +316,46 @@ def _run_clients(
     timeout: float,
     dbt_poll_interval: float,
 ) -> list[dict[str, Any]]:
-    processes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                __file__,
-                "client",
-                "--client",
-                name,
-                "--n",
-                str(n),
-                "--ports",
-                json.dumps(ports),
-                "--run-seconds",
-                run_seconds,
-                "--dbt-poll-interval",
-                str(dbt_poll_interval),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for name in names
-    ]
-    results = []
-    for name, process in zip(names, processes, strict=True):
-        out, err = process.communicate(timeout=timeout)
-        lines = out.strip().splitlines()
-        if process.returncode != 0 or not lines:
-            raise SystemExit(
-                f"fan-out client {name} (N={n}) failed with exit {process.returncode}:\n{err[-3000:]}"
-            )
-        results.append(json.loads(lines[-1]) | {"together_with": [other for other in names if other != name]})
+    # Output goes to files, not pipes: a client whose pipe filled while another was being read
+    # would block on its next log line, stalling its event loop and spoiling its figures.
+    with tempfile.TemporaryDirectory(prefix="altabots-fanout-") as tmp:
+        outputs = {name: (Path(tmp) / f"{name}.out", Path(tmp) / f"{name}.err") for name in names}
+        processes = {}
+        for name in names:
+            out_path, err_path = outputs[name]
+            with out_path.open("w") as out, err_path.open("w") as err:
+                processes[name] = subprocess.Popen(
+                    [
+                        sys.executable,
+                        __file__,
+                        "client",
+                        "--client",
+                        name,
+                        "--n",
+                        str(n),
+                        "--ports",
+                        json.dumps(ports),
+                        "--run-seconds",
+                        run_seconds,
+                        "--dbt-poll-interval",
+                        str(dbt_poll_interval),
+                    ],
+                    env=env,
+                    stdout=out,
+                    stderr=err,
+                )
+        results = []
+        for name, process in processes.items():
+            process.wait(timeout=timeout)
+            out_path, err_path = outputs[name]
+            lines = out_path.read_text().strip().splitlines()
+            if process.returncode != 0 or not lines:
+                raise SystemExit(
+                    f"fan-out client {name} (N={n}) failed with exit {process.returncode}:\n"
+                    f"{err_path.read_text()[-3000:]}"
+                )
+            together = [other for other in names if other != name]
+            results.append(json.loads(lines[-1]) | {"together_with": together})
     return results
 
 

@@ -12,7 +12,8 @@ requests and new connections are counted apart:
 A plain-HTTP ``admin`` port serves the emulator too (set-up invokes go there, so they count
 against no client) and the bench's own routes:
 
-* ``GET /_bench/stats``: per port, requests answered and connections opened so far;
+* ``GET /_bench/stats[?reset_peak=PORT]``: per port, requests answered, connections opened so
+  far and the most open at once (since the last reset of that port's peak);
 * ``POST /_bench/dbt/runs`` ``{"seconds": [...]}``: start dbt runs now; answers their ids;
 * ``GET /_bench/ends?api_key=K``: ``{run_id: end time}`` of the emulator's runs for key K;
 * ``GET /_bench/dbt/ends``: the same for the dbt runs.
@@ -101,6 +102,9 @@ class BenchServer:
         name = request.path[len("/_bench/") :].strip("/")
         query = {k: v[-1] for k, v in parse_qs(request.query).items()}
         if name == "stats":
+            reset = self.servers.get(query.get("reset_peak", ""))
+            if reset is not None:
+                reset.connections_peak = len(reset.connections)
             return json_response(
                 200,
                 {
@@ -108,6 +112,7 @@ class BenchServer:
                         "requests": self.requests[port],
                         "connections_opened": server.connections_opened,
                         "connections_open": len(server.connections),
+                        "connections_peak": server.connections_peak,
                     }
                     for port, server in self.servers.items()
                 },

@@ -194,6 +194,7 @@ class _HttpProtocol(asyncio.Protocol):
         self._transport = cast("asyncio.Transport", transport)
         self._server.connections.add(self)
         self._server.connections_opened += 1
+        self._server.connections_peak = max(self._server.connections_peak, len(self._server.connections))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -394,6 +395,8 @@ class HttpServer:
         self.connections: set[_HttpProtocol] = set()
         #: Connections accepted since start, open or closed: how many a client has opened.
         self.connections_opened = 0
+        #: The most connections open at once since start.
+        self.connections_peak = 0
         self._server: asyncio.Server | None = None
 
     async def start(self) -> int:
