@@ -110,15 +110,16 @@ def _bare_waiters(url: str, api_key: str, run_ids: list[str]) -> tuple[list[Any]
     endpoint = url + "/v1/workflow/query/result"
 
     async def wait(run_id: str) -> dict[str, Any]:
-        interval = 2.0
+        # The default schedule, written out: checks at 2, 4, 7, 11.5, ... s, waits of at most 60 s.
+        delay, interval = 2.0, 2.0
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(delay)
             async with gate:
                 answer = await client.post(endpoint, json={"workflowRunId": run_id}, headers=headers)
             status = answer.json().get("status")
             if status in ("SUCCEED", "FAILED"):
                 return {"status": "success" if status == "SUCCEED" else "error", "run_id": run_id}
-            interval = min(interval * 1.5, 60.0)
+            delay, interval = interval, min(interval * 1.5, 60.0)
 
     return [wait(run_id) for run_id in run_ids], client.aclose
 

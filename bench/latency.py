@@ -9,13 +9,16 @@ Three waiting policies, each driving this provider's own trigger, so only the sc
 * ``fixed 60 s``: one check a minute (dbt Cloud's default ``check_interval``);
 * ``fixed 5 s``: one check every five seconds.
 
-Every (length, policy) pair runs ``--repeats`` times, all at once, against the emulator in this
-process (runs start ``RUNNING`` at once and end exactly ``length`` seconds after the invoke).
+A run of "L seconds" is ``--repeats`` runs whose lengths are spread evenly over L +/- ``--spread``
+(20%), the same lengths for every policy. Runs of exactly L would flatter any fixed interval
+that divides L: a 5 s interval would find a 10, 30 or 120 s run the instant it ends, a delay no
+real run, whose length nobody knows in advance, would see. All runs wait at once, against the
+emulator in this process (runs start ``RUNNING`` at once and end their length after the invoke).
 Delay is the trigger's event time minus the run's end time: what the task's resumption waits
 for on top of the scheduler's own, policy-independent, latency. Requests count the invoke and
 every status check of the run, from the emulator's request log.
 
-Usage: ``python bench/latency.py [--lengths 2,10,30,120] [--repeats 3] [--out F]``.
+Usage: ``python bench/latency.py [--lengths 2,10,30,120] [--repeats 8] [--spread 0.2] [--out F]``.
 """
 
 from __future__ import annotations
@@ -37,9 +40,14 @@ POLICIES: dict[str, dict[str, float]] = {
 }
 
 
-def conn_id(length: float) -> str:
-    """One connection (and API key, so one workflow) per run length."""
-    return f"altabots_latency_{length:g}".replace(".", "_")
+def spread_lengths(length: float, repeats: int, spread: float) -> list[float]:
+    """``repeats`` run lengths spaced evenly over ``length`` +/- ``spread`` (a fraction)."""
+    return [length * (1 - spread + 2 * spread * (i + 0.5) / repeats) for i in range(repeats)]
+
+
+def conn_id(index: int) -> str:
+    """One connection (and API key, so one workflow with its own run length) per length."""
+    return f"altabots_latency_{index}"
 
 
 def goal(length: float) -> float:
@@ -57,44 +65,46 @@ async def _wait(trigger: Any) -> tuple[float, dict[str, Any]]:
 
 
 async def _measure(
-    emulator: Any, lengths: list[float], policies: list[str], repeats: int
+    emulator: Any, runs: list[tuple[float, float]], policies: list[str]
 ) -> list[dict[str, Any]]:
+    """Wait for every (nominal length, actual length) run under every policy; one row per pair."""
     from airflow_provider_altabots.hooks.altabots import AltaBotsHook
     from airflow_provider_altabots.triggers.altabots import AltaBotsWorkflowRunTrigger
 
-    async def one(length: float, policy: str) -> tuple[str, tuple[float, dict[str, Any]]]:
+    async def one(index: int, policy: str) -> tuple[str, tuple[float, dict[str, Any]]]:
         # As the operator does: invoke, then wait; the first check's clock starts at the invoke.
-        hook = AltaBotsHook(conn_id(length))
-        answer = await asyncio.to_thread(hook.invoke_workflow, {"length": length})
+        hook = AltaBotsHook(conn_id(index))
+        answer = await asyncio.to_thread(hook.invoke_workflow, {"run": index})
         run_id = str(answer["workflowRunId"])
-        return run_id, await _wait(AltaBotsWorkflowRunTrigger(run_id, conn_id(length), **POLICIES[policy]))
+        return run_id, await _wait(AltaBotsWorkflowRunTrigger(run_id, conn_id(index), **POLICIES[policy]))
 
-    plan = [(length, policy) for length in lengths for policy in policies for _ in range(repeats)]
-    finished = await asyncio.gather(*(one(length, policy) for length, policy in plan))
-    runs = {run["run_id"]: run for run in emulator.runs()}
+    plan = [(index, policy) for index in range(len(runs)) for policy in policies]
+    finished = await asyncio.gather(*(one(index, policy) for index, policy in plan))
+    ends = {run["run_id"]: run["ends_at"] for run in emulator.runs()}
     polls: dict[str, int] = {}
     for entry in emulator.requests(path="/v1/workflow/query/result"):
         run_id = (entry.get("body") or {}).get("workflowRunId")
         polls[run_id] = polls.get(run_id, 0) + 1
     rows = []
-    for length in lengths:
+    for length in dict.fromkeys(nominal for nominal, _ in runs):
         for policy in policies:
             picked = [
-                (outcome, run_id)
-                for (each_length, each_policy), (run_id, outcome) in zip(plan, finished, strict=True)
-                if each_length == length and each_policy == policy
+                (at, payload, run_id)
+                for (index, each_policy), (run_id, (at, payload)) in zip(plan, finished, strict=True)
+                if runs[index][0] == length and each_policy == policy
             ]
-            delays = [at - runs[run_id]["ends_at"] for (at, _payload), run_id in picked]
-            requests = [1 + polls.get(run_id, 0) for _, run_id in picked]
+            delays = [at - ends[run_id] for at, _, run_id in picked]
+            requests = [1 + polls.get(run_id, 0) for _, _, run_id in picked]
             rows.append(
                 {
                     "length_s": length,
                     "policy": policy,
+                    "runs": len(picked),
                     "delay_mean_s": statistics.fmean(delays),
                     "delay_max_s": max(delays),
                     "requests_per_run": statistics.fmean(requests),
                     "goal_delay_s": goal(length),
-                    "not_success": sum(payload["status"] != "success" for (_, payload), _ in picked),
+                    "not_success": sum(payload["status"] != "success" for _, payload, _ in picked),
                 }
             )
     return rows
@@ -103,7 +113,10 @@ async def _measure(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--lengths", default="2,10,30,120", help="run lengths in seconds, comma-separated")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=8, help="runs per (length, policy)")
+    parser.add_argument(
+        "--spread", type=float, default=0.2, help="runs spread over each length +/- this fraction"
+    )
     parser.add_argument("--policies", default=",".join(POLICIES), help="which of: " + ", ".join(POLICIES))
     parser.add_argument("--out", help="also write the JSON document here")
     args = parser.parse_args()
@@ -112,17 +125,25 @@ def main() -> int:
     unknown = set(policies) - set(POLICIES)
     if unknown:
         parser.error(f"unknown policies: {sorted(unknown)}")
+    if not 0 <= args.spread < 1 or args.repeats < 1:
+        parser.error("--spread must be in [0, 1) and --repeats at least 1")
 
     from airflow_provider_altabots.emulator import Emulator
 
-    workflows = {f"latency-{length:g}": {"run_seconds": length, "pending_seconds": 0.0} for length in lengths}
+    runs = [
+        (length, actual) for length in lengths for actual in spread_lengths(length, args.repeats, args.spread)
+    ]
+    workflows = {
+        f"latency-{index}": {"run_seconds": actual, "pending_seconds": 0.0}
+        for index, (_, actual) in enumerate(runs)
+    }
     with Emulator(workflows=workflows, request_log_size=1_000_000) as emulator:
-        for length in lengths:
-            os.environ[f"AIRFLOW_CONN_{conn_id(length).upper()}"] = json.dumps(
-                {"conn_type": "altabots", "host": emulator.url, "password": f"latency-{length:g}"}
+        for index in range(len(runs)):
+            os.environ[f"AIRFLOW_CONN_{conn_id(index).upper()}"] = json.dumps(
+                {"conn_type": "altabots", "host": emulator.url, "password": f"latency-{index}"}
             )
-        rows = asyncio.run(_measure(emulator, lengths, policies, args.repeats))
-    document = {"repeats": args.repeats, "rows": rows}
+        rows = asyncio.run(_measure(emulator, runs, policies))
+    document = {"repeats": args.repeats, "spread": args.spread, "rows": rows}
     text = json.dumps(document, indent=1)
     if args.out:
         Path(args.out).write_text(text + "\n")

@@ -20,12 +20,12 @@ REPO = BENCH.parent
 FULL = {
     "parse_cost": ["--samples", "15"],
     "fanout": ["--sizes", "100,1000,5000", "--run-seconds", "30-120"],
-    "latency": ["--lengths", "2,10,30,120", "--repeats", "3"],
+    "latency": ["--lengths", "2,10,30,120", "--repeats", "8"],
 }
 QUICK = {
     "parse_cost": ["--samples", "2"],
     "fanout": ["--sizes", "4", "--run-seconds", "0.5-1.5", "--dbt-poll-interval", "1"],
-    "latency": ["--lengths", "0.5", "--repeats", "1", "--policies", "adaptive,fixed 5 s"],
+    "latency": ["--lengths", "0.5", "--repeats", "2", "--policies", "adaptive,fixed 5 s"],
 }
 
 
