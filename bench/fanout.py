@@ -1,15 +1,14 @@
 """
 Triggerer fan-out: N waiting runs in one event loop, for this provider and two references.
 
-Each (client, N) is a fresh process that drives N triggers the way the triggerer's runner does
-(one asyncio task per trigger, iterating ``trigger.run()`` until its first event) against
-``bench/server.py`` over TLS. Airflow's own ``TriggerRunner`` is not used: it only runs inside
-a triggerer supervised over its comms channel and metadata database; the loop it runs per
-trigger is the one reproduced here. The clients:
+Each (client, N) is a fresh process that runs N triggers on one event loop through Airflow's
+own trigger runner (``TriggerRunner.run_trigger``, see ``bench/runner.py``), against
+``bench/server.py`` over TLS. The clients, all three run as triggers by that runner:
 
 * ``ours``: :class:`AltaBotsWorkflowRunTrigger` with its default policy;
-* ``bare``: the floor, a bare loop over one ``httpx.AsyncClient`` (pooled and gated as ours is)
-  making the same requests on the same schedule, with no error handling, logging or policy;
+* ``bare``: the floor, a trigger whose ``run()`` is a bare loop over one ``httpx.AsyncClient``
+  (pooled and gated as ours is) making the same requests on the same schedule, with no error
+  handling, logging or policy;
 * ``dbt``: ``DbtCloudRunJobTrigger`` (its default 60 s interval) against a dbt-Cloud-shaped
   status route.
 
@@ -44,6 +43,7 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
+from runner import log_as_triggerer, run_triggers  # noqa: E402
 from server import API_KEYS, DBT_TOKEN  # noqa: E402
 
 CLIENTS = ("ours", "bare", "dbt")
@@ -93,8 +93,10 @@ async def _invoke_all(admin_url: str, api_key: str, n: int) -> list[str]:
         return list(await asyncio.gather(*(invoke(client, i) for i in range(n))))
 
 
-def _bare_waiters(url: str, api_key: str, run_ids: list[str]) -> tuple[list[Any], Any]:
+def _bare_triggers(url: str, api_key: str, run_ids: list[str]) -> tuple[list[Any], Any]:
+    """The floor: the fewest lines that make the same requests on the same schedule, as triggers."""
     import httpx
+    from airflow.triggers.base import BaseTrigger, TriggerEvent
 
     from airflow_provider_altabots.hooks.altabots import ASYNC_MAX_CONNECTIONS
 
@@ -109,31 +111,29 @@ def _bare_waiters(url: str, api_key: str, run_ids: list[str]) -> tuple[list[Any]
     headers = {"Authorization": f"Bearer {api_key}"}
     endpoint = url + "/v1/workflow/query/result"
 
-    async def wait(run_id: str) -> dict[str, Any]:
-        # The default schedule, written out: checks at 2, 4, 7, 11.5, ... s, waits of at most 60 s.
-        delay, interval = 2.0, 2.0
-        while True:
-            await asyncio.sleep(delay)
-            async with gate:
-                answer = await client.post(endpoint, json={"workflowRunId": run_id}, headers=headers)
-            status = answer.json().get("status")
-            if status in ("SUCCEED", "FAILED"):
-                return {"status": "success" if status == "SUCCEED" else "error", "run_id": run_id}
-            delay, interval = interval, min(interval * 1.5, 60.0)
+    class BareTrigger(BaseTrigger):
+        def __init__(self, run_id: str) -> None:
+            super().__init__()
+            self.run_id = run_id
 
-    return [wait(run_id) for run_id in run_ids], client.aclose
+        def serialize(self) -> tuple[str, dict[str, Any]]:
+            return "fanout.BareTrigger", {"run_id": self.run_id}
 
+        async def run(self) -> Any:
+            # The default schedule, written out: checks at 2, 4, 7, 11.5, ... s, waits of at most 60 s.
+            delay, interval = 2.0, 2.0
+            while True:
+                await asyncio.sleep(delay)
+                async with gate:
+                    answer = await client.post(endpoint, json={"workflowRunId": self.run_id}, headers=headers)
+                status = answer.json().get("status")
+                if status in ("SUCCEED", "FAILED"):
+                    outcome = "success" if status == "SUCCEED" else "error"
+                    yield TriggerEvent({"status": outcome, "run_id": self.run_id})
+                    return
+                delay, interval = interval, min(interval * 1.5, 60.0)
 
-def _trigger_waiters(triggers: list[Any]) -> list[Any]:
-    async def drive(trigger: Any) -> dict[str, Any]:
-        events = trigger.run()
-        try:
-            event = await events.__anext__()
-        finally:
-            await events.aclose()
-        return dict(event.payload)
-
-    return [drive(trigger) for trigger in triggers]
+    return [BareTrigger(run_id) for run_id in run_ids], client.aclose
 
 
 async def _measure(client_name: str, n: int, ports: dict[str, int]) -> dict[str, Any]:
@@ -155,6 +155,7 @@ async def _measure(client_name: str, n: int, ports: dict[str, int]) -> dict[str,
 
         import airflow_provider_altabots.hooks.altabots  # noqa: F401 - the pool width bare copies
         from airflow_provider_altabots.triggers.altabots import AltaBotsWorkflowRunTrigger
+    import airflow.jobs.triggerer_job_runner  # noqa: F401 - the runner every client runs in
 
     if client_name == "dbt":
         seconds = [random.uniform(*_RUN_SECONDS) for _ in range(n)]
@@ -163,24 +164,22 @@ async def _measure(client_name: str, n: int, ports: dict[str, int]) -> dict[str,
         ends_path = "/_bench/dbt/ends"
 
         def make() -> list[Any]:
-            return _trigger_waiters(
-                [
-                    DbtCloudRunJobTrigger(
-                        conn_id=DBT_CONN_ID, run_id=i, end_time=far, poll_interval=_DBT_POLL, account_id=1
-                    )
-                    for i in ids
-                ]
-            )
+            return [
+                DbtCloudRunJobTrigger(
+                    conn_id=DBT_CONN_ID, run_id=i, end_time=far, poll_interval=_DBT_POLL, account_id=1
+                )
+                for i in ids
+            ]
     else:
         run_ids = await _invoke_all(admin_url, API_KEYS[client_name], n)
         ends_path = f"/_bench/ends?api_key={API_KEYS[client_name]}"
 
         def make() -> list[Any]:
             if client_name == "ours":
-                return _trigger_waiters([AltaBotsWorkflowRunTrigger(run_id, CONN_ID) for run_id in run_ids])
-            coroutines, close = _bare_waiters(url, API_KEYS["bare"], run_ids)
+                return [AltaBotsWorkflowRunTrigger(run_id, CONN_ID) for run_id in run_ids]
+            triggers, close = _bare_triggers(url, API_KEYS["bare"], run_ids)
             closers.append(close)
-            return coroutines
+            return triggers
 
     closers: list[Any] = []
     gc.collect()
@@ -201,14 +200,7 @@ async def _measure(client_name: str, n: int, ports: dict[str, int]) -> dict[str,
 
     cpu_start, wall_start = time.process_time(), time.time()
     watcher = asyncio.create_task(watchdog())
-    coroutines = make()
-    finished: list[tuple[float, dict[str, Any]]] = []
-
-    async def record(coroutine: Any) -> None:
-        payload = await coroutine
-        finished.append((time.time(), payload))
-
-    await asyncio.gather(*(record(c) for c in coroutines))
+    finished = await run_triggers(make())
     cpu = time.process_time() - cpu_start
     wall = time.time() - wall_start
     done = True
@@ -253,10 +245,7 @@ _DBT_POLL = 60.0
 
 
 def client_main(args: argparse.Namespace) -> int:
-    import logging
-
-    # Triggers log as they do in a triggerer: formatted, then written (here to nowhere).
-    logging.basicConfig(level=logging.INFO, stream=open(os.devnull, "w"))  # noqa: SIM115
+    log_as_triggerer()
     global _RUN_SECONDS, _DBT_POLL
     _RUN_SECONDS, _DBT_POLL = args.run_seconds, args.dbt_poll_interval
     random.seed(args.n)

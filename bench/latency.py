@@ -2,7 +2,8 @@
 Completion delay against requests: how soon a waiting task learns its run ended, and what the
 waiting costs in API requests, for runs of 2, 10, 30 and 120 s.
 
-Three waiting policies, each driving this provider's own trigger, so only the schedule differs:
+Three waiting policies, each driving this provider's own trigger through Airflow's trigger runner
+(``bench/runner.py``), so only the schedule differs:
 
 * ``adaptive``: the provider's default (checks 2 and 4 s after the invoke, then each wait 1.5
   times the last, at most 60 s);
@@ -29,9 +30,12 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from runner import log_as_triggerer, run_triggers
 
 POLICIES: dict[str, dict[str, float]] = {
     "adaptive": {},
@@ -55,15 +59,6 @@ def goal(length: float) -> float:
     return max(1.0, 0.1 * length)
 
 
-async def _wait(trigger: Any) -> tuple[float, dict[str, Any]]:
-    events = trigger.run()
-    try:
-        event = await events.__anext__()
-    finally:
-        await events.aclose()
-    return time.time(), dict(event.payload)
-
-
 async def _measure(
     emulator: Any, runs: list[tuple[float, float]], policies: list[str]
 ) -> list[dict[str, Any]]:
@@ -71,15 +66,16 @@ async def _measure(
     from airflow_provider_altabots.hooks.altabots import AltaBotsHook
     from airflow_provider_altabots.triggers.altabots import AltaBotsWorkflowRunTrigger
 
-    async def one(index: int, policy: str) -> tuple[str, tuple[float, dict[str, Any]]]:
+    async def invoke_then_wait(index: int, policy: str) -> Any:
         # As the operator does: invoke, then wait; the first check's clock starts at the invoke.
-        hook = AltaBotsHook(conn_id(index))
-        answer = await asyncio.to_thread(hook.invoke_workflow, {"run": index})
-        run_id = str(answer["workflowRunId"])
-        return run_id, await _wait(AltaBotsWorkflowRunTrigger(run_id, conn_id(index), **POLICIES[policy]))
+        answer = await asyncio.to_thread(AltaBotsHook(conn_id(index)).invoke_workflow, {"run": index})
+        run_ids[(index, policy)] = run_id = str(answer["workflowRunId"])
+        return AltaBotsWorkflowRunTrigger(run_id, conn_id(index), **POLICIES[policy])
 
     plan = [(index, policy) for index in range(len(runs)) for policy in policies]
-    finished = await asyncio.gather(*(one(index, policy) for index, policy in plan))
+    run_ids: dict[tuple[int, str], str] = {}
+    events = await run_triggers([invoke_then_wait(index, policy) for index, policy in plan])
+    finished = [(run_ids[step], event) for step, event in zip(plan, events, strict=True)]
     ends = {run["run_id"]: run["ends_at"] for run in emulator.runs()}
     polls: dict[str, int] = {}
     for entry in emulator.requests(path="/v1/workflow/query/result"):
@@ -129,6 +125,9 @@ def main() -> int:
         parser.error("--spread must be in [0, 1) and --repeats at least 1")
 
     from airflow_provider_altabots.emulator import Emulator
+
+    log_as_triggerer()
+    import airflow.jobs.triggerer_job_runner  # noqa: F401 - loaded before any run starts
 
     runs = [
         (length, actual) for length in lengths for actual in spread_lengths(length, args.repeats, args.spread)

@@ -293,6 +293,7 @@ def plot(doc: dict[str, Any], path: Path) -> str | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError as error:
         return f"matplotlib is not installed ({error})"
     figure, axes = plt.subplots(figsize=(7, 4.5), dpi=110)
@@ -306,8 +307,9 @@ def plot(doc: dict[str, Any], path: Path) -> str | None:
             axes.annotate(
                 f"{r['length_s']:g} s", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8
             )
-    axes.set_xscale("log")
     axes.set_yscale("log")
+    axes.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes.set_xlabel("API requests per run (invoke + status checks)")
     axes.set_ylabel("mean completion delay (s)")
     axes.set_title("Completion delay against requests, by run length")
