@@ -129,9 +129,10 @@ def fanout_section(doc: dict[str, Any]) -> list[str]:
         "",
         f"N triggers in one event loop, each waiting for a run of {doc['run_seconds']} s (uniformly drawn), "
         "against the emulator over TLS (a self-signed certificate trusted through `SSL_CERT_FILE`). "
-        "One process per client and size, driving each trigger as the triggerer's runner does. "
-        "`bare` is the floor: one `httpx.AsyncClient` with the same connection limit and gate as ours, "
-        "the same requests on the same schedule, nothing else. "
+        "One process per client and size; every trigger runs as a triggerer runs it, through Airflow's "
+        "own `TriggerRunner.run_trigger`, with the triggerer's JSON logging (`bench/runner.py`). "
+        "`bare` is the floor: a trigger whose `run()` is a bare loop over one `httpx.AsyncClient` with "
+        "the same connection limit and gate as ours, the same requests on the same schedule, nothing else. "
         f"`dbt` is `DbtCloudRunJobTrigger` at its default {doc['dbt_poll_interval']:g} s interval against a "
         "dbt-Cloud-shaped status route served beside the emulator. CPU is the client process's user + system "
         "time over the wait, per status request the server answered; memory is the rise of the resident set "
@@ -180,7 +181,10 @@ def fanout_section(doc: dict[str, Any]) -> list[str]:
         lines.append(
             f"- N={largest['n']:,}: loop lag p99 under {LAG_GOAL_S} s: "
             f"{_verdict(largest['lag_p99_s'] < LAG_GOAL_S)} "
-            f"({largest['lag_p99_s'] * 1000:.0f} ms; {largest['lag_over_0_2s']} ticks over 0.2 s)."
+            f"({largest['lag_p99_s'] * 1000:.0f} ms; {largest['lag_over_0_2s']} of "
+            f"{largest.get('lag_ticks', '?')} ticks over 0.2 s, the longest "
+            f"{largest['lag_max_s'] * 1000:.0f} ms: the {largest['n']:,} triggers start in the same "
+            "instant, so their checks come due together)."
         )
     failures = sum(r["not_success"] for r in results)
     lines.append(f"- Runs that did not end in a success event, all clients: {failures}.")
@@ -220,7 +224,8 @@ def latency_section(doc: dict[str, Any], plot_name: str | None) -> list[str]:
         f"{doc['repeats']} runs per (length, policy), their lengths spread evenly over the length "
         f"+/- {doc.get('spread', 0):.0%} and the same for every policy (runs of exactly 10, 30 or 120 s "
         "would flatter a fixed 5 s interval, which would then check the instant they end), "
-        "all waiting at once through this provider's trigger; only the schedule differs. "
+        "all waiting at once through this provider's trigger, run by Airflow's trigger runner; only the "
+        "schedule differs. "
         "Delay: the trigger's event minus the run's end "
         "(the scheduler's own latency to resume the task comes on top, the same for every policy). "
         "This benchmark ran beside the fan-out benchmark (it is light and mostly waits). "
