@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 #: The most TCP connections one shared async client opens to the API, however many triggers use it.
 #: The vendor's plans allow a few requests a minute (GPTBots free) to 1,000 an hour (AltaBots
 #: professional), far below what 16 connections carry; and every idle pooled connection adds to
-#: the cost of each request in httpx's pool (see BENCHMARKS.md), so more would only cost CPU.
+#: the cost of each request in httpx's pool (it scans them all), so more would only cost CPU.
 ASYNC_MAX_CONNECTIONS = 16
 #: Seconds for which hooks in one process share one read of a connection (see ``aget_settings``).
 SETTINGS_TTL = 60.0
