@@ -75,22 +75,27 @@ async def _measure(
     plan = [(index, policy) for index in range(len(runs)) for policy in policies]
     run_ids: dict[tuple[int, str], str] = {}
     events = await run_triggers([invoke_then_wait(index, policy) for index, policy in plan])
-    finished = [(run_ids[step], event) for step, event in zip(plan, events, strict=True)]
     ends = {run["run_id"]: run["ends_at"] for run in emulator.runs()}
     polls: dict[str, int] = {}
     for entry in emulator.requests(path="/v1/workflow/query/result"):
         run_id = (entry.get("body") or {}).get("workflowRunId")
         polls[run_id] = polls.get(run_id, 0) + 1
+    # One record per run: (nominal length, policy, delay, requests, ended in success).
+    records = [
+        (
+            runs[index][0],
+            policy,
+            at - ends[run_ids[(index, policy)]],
+            1 + polls.get(run_ids[(index, policy)], 0),
+            payload["status"] == "success",
+        )
+        for (index, policy), (at, payload) in zip(plan, events, strict=True)
+    ]
     rows = []
     for length in dict.fromkeys(nominal for nominal, _ in runs):
         for policy in policies:
-            picked = [
-                (at, payload, run_id)
-                for (index, each_policy), (run_id, (at, payload)) in zip(plan, finished, strict=True)
-                if runs[index][0] == length and each_policy == policy
-            ]
-            delays = [at - ends[run_id] for at, _, run_id in picked]
-            requests = [1 + polls.get(run_id, 0) for _, _, run_id in picked]
+            picked = [r for r in records if r[0] == length and r[1] == policy]
+            delays = [delay for _, _, delay, _, _ in picked]
             rows.append(
                 {
                     "length_s": length,
@@ -98,9 +103,9 @@ async def _measure(
                     "runs": len(picked),
                     "delay_mean_s": statistics.fmean(delays),
                     "delay_max_s": max(delays),
-                    "requests_per_run": statistics.fmean(requests),
+                    "requests_per_run": statistics.fmean(requests for _, _, _, requests, _ in picked),
                     "goal_delay_s": goal(length),
-                    "not_success": sum(payload["status"] != "success" for _, payload, _ in picked),
+                    "not_success": sum(not succeeded for *_, succeeded in picked),
                 }
             )
     return rows

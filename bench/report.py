@@ -198,7 +198,10 @@ def fanout_section(doc: dict[str, Any]) -> list[str]:
 
 def _schedule_arithmetic(longest_s: float) -> str:
     """Why 12 requests cannot buy a 10% mean delay at every length up to ``longest_s``."""
-    from airflow_provider_altabots.polling import DEFAULT_POLL_INTERVAL as first
+    from airflow_provider_altabots.polling import PollPolicy
+
+    default = PollPolicy()
+    first = default.poll_interval
 
     need = (1 + RELATIVE_DELAY_GOAL) / (1 - RELATIVE_DELAY_GOAL)
     if longest_s <= first * need:
@@ -211,8 +214,8 @@ def _schedule_arithmetic(longest_s: float) -> str:
         f"g <= {need:.2f}: {checks} checks between the first at {first:g} s and {longest_s:g} s, "
         f"{checks + 1} requests with the invoke, against the {REQUESTS_GOAL} allowed. The "
         f"{REQUESTS_GOAL - 1} checks those allow reach {longest_s:g} s only with g = {afford:.2f}, a mean "
-        f"delay of about {(afford - 1) / (afford + 1):.0%} of the run: the default's growth of 1.5 is "
-        "that trade. "
+        f"delay of about {(afford - 1) / (afford + 1):.0%} of the run: the default's growth of "
+        f"{default.growth:g} is that trade. "
     )
 
 
