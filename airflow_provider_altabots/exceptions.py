@@ -8,10 +8,14 @@ header value.
 =============================  =====================================================  ==========
 error                          meaning                                                task retry
 =============================  =====================================================  ==========
-``AltaBotsConfigError``        bad operator argument or connection; nothing was sent  no
+``AltaBotsConfigError``        a bad argument or connection, or an answer only a      no
+                               configuration change can fix (a redirect, an
+                               untrusted TLS certificate, an answer over
+                               ``max_answer_bytes``)
 ``AltaBotsAuthError``          the API refused the key (401, 403 or code 40127)       no
-``AltaBotsApiError``           the API answered with an error for this request        yes
-``AltaBotsTransientError``     429, 5xx or a network error; asking again may work     yes
+``AltaBotsApiError``           the API refused this request (a 4xx or an error code)  yes
+``AltaBotsTransientError``     429, 5xx, a broken answer or a network error; asking   yes
+                               again may work
 ``AltaBotsInvokeUncertain``    the invoke may or may not have started a (billed) run  no
 ``AltaBotsRunFailed``          the run ended with status FAILED                       yes
 ``AltaBotsRunTimeout``         the run did not end before the operator's ``timeout``  yes
@@ -53,7 +57,11 @@ class AltaBotsError(AirflowException):
 
 
 class AltaBotsConfigError(AltaBotsError, AirflowFailException):
-    """An operator argument or the connection is invalid; no request was sent."""
+    """
+    An operator argument or the connection is invalid, or the API's answer can only be read
+    after a configuration change (a redirect, an untrusted certificate, an answer larger than
+    ``max_answer_bytes``). Raised for arguments and connection fields before any request is sent.
+    """
 
     event_status = "config"
 
@@ -90,13 +98,16 @@ class AltaBotsApiError(AltaBotsError):
 
 class AltaBotsTransientError(AltaBotsError):
     """
-    The request failed in a way that asking again later may fix: HTTP 429, 5xx or a network error.
+    The request failed in a way that asking again later may fix: HTTP 429, 5xx, an answer that
+    makes no sense (not JSON, another run's record), or a network error.
 
     :param retry_after: seconds the API asked us to wait (``Retry-After`` or
         ``X-RateLimit-Reset``), when it said.
     :param rate_limited: the answer was HTTP 429.
     :param sent: ``False`` when the request surely never reached the API (connection refused,
-        connect timeout, name not resolved). Only such an invoke, or a 429, is safe to send again.
+        connect timeout, name not resolved, TLS handshake failed). Only such an invoke, or a 429,
+        is safe to send again; an invoke that may have been sent fails as
+        :class:`AltaBotsInvokeUncertain` instead.
     """
 
     event_status = "transient"

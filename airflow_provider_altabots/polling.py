@@ -10,15 +10,25 @@ decisions:
   ``max_poll_interval``. Short runs are seen quickly and long runs cost few requests: with the
   defaults the checks fall at 2, 4, 7, 11.5, 18, 28, 44, 66, 100 and 152 s, then every 60 s,
   so a 10-minute run takes 18 checks (figures against fixed intervals: ``BENCHMARKS.md``).
-* On HTTP 429 the wait is what ``Retry-After`` or ``X-RateLimit-Reset`` says; without either,
-  it doubles from ``poll_interval`` with jitter, up to :attr:`PollPolicy.backoff_cap`.
+* On HTTP 429 the wait doubles from ``poll_interval`` with jitter, up to
+  :attr:`PollPolicy.backoff_cap`, and is never shorter than what ``Retry-After`` or
+  ``X-RateLimit-Reset`` says: an API whose hint keeps failing (``Retry-After: 0`` again and
+  again) is asked less and less often.
+* No wait between two requests is shorter than :data:`MIN_POLL_INTERVAL`.
 * A 5xx answer or a network error is retried the same way. Only ``max_consecutive_failures``
   failed checks in a row end the wait, as :class:`AltaBotsStatusUnknown`: the run's fate is
   unknown, which is not the same as failed. A 429 is not a failure: the API answered, so it
   also ends a streak of failures.
 * A deadline (absolute Unix time, so it survives a triggerer restart) bounds the wait. The last
   wait is cut short to end at the deadline, the status is checked once more, and only then is
-  :class:`AltaBotsRunTimeout` raised, naming the last status seen.
+  :class:`AltaBotsRunTimeout` raised, naming the last status seen. Every check must end by
+  :attr:`RunWatch.check_deadline` (the deadline plus :data:`DEADLINE_GRACE`), so the wait ends
+  on time whatever the server does.
+* A deferrable wait first checks the run from the worker for :data:`CHECK_ON_WORKER_SECONDS`
+  and defers only when it is still going; the trigger then checks no sooner than
+  :data:`DEFERRAL_MARGIN` after it starts. Both keep a short run clear of Airflow's defer race
+  (a trigger that fires within seconds of the deferral can get the task failed by the
+  scheduler, apache/airflow issues 66374, 67287, 71580 and 72716).
 * A status this provider does not know is never taken for success: it warns and keeps waiting.
 """
 
@@ -48,7 +58,27 @@ Logger = logging.Logger | logging.LoggerAdapter[Any] | Any
 DEFAULT_POLL_INTERVAL = 2.0
 DEFAULT_MAX_POLL_INTERVAL = 60.0
 DEFAULT_MAX_CONSECUTIVE_FAILURES = 8
-DEFAULT_TIMEOUT = 24 * 60 * 60.0
+DEFAULT_RUN_TIMEOUT = 24 * 60 * 60.0
+
+#: The shortest wait between two requests for one run, and the smallest ``poll_interval``
+#: accepted. Every request spends a plan's quota (GPTBots' free plan allows 3 a minute), and an
+#: answer sooner than a second after the last one is rarely news. The one exception is the final
+#: check at a deadline, which may follow the previous check sooner.
+MIN_POLL_INTERVAL = 1.0
+#: A deferrable wait checks the run from the worker while the next check falls within this many
+#: seconds of the wait's start (with the defaults: at 2 and 4 s), and defers only after. A run
+#: that ends that soon never defers: no trigger can race the deferral, and the deferral's own
+#: cost (about 8 worker-seconds, most of it starting the task again; docs/e2e.md) is saved.
+CHECK_ON_WORKER_SECONDS = 5.0
+#: A trigger's first status check comes no sooner than this many seconds after it starts, so its
+#: event cannot reach the scheduler before the worker that deferred is known to have exited.
+#: Airflow 3.2 and 3.3 fail a task whose trigger fires within seconds of its deferral (the
+#: executor's late "success" for the deferring process meets the resumed task); the race
+#: windows reported in apache/airflow issues 66374, 71580 and 72716 span 3 to 7 seconds.
+DEFERRAL_MARGIN = 10.0
+#: A wait with a deadline ends at most this many seconds after it: the final check gets this
+#: long, and a check still in flight then is cut off.
+DEADLINE_GRACE = 5.0
 
 
 @dataclass(frozen=True)
@@ -78,6 +108,11 @@ class PollPolicy:
     def __post_init__(self) -> None:
         for name in ("poll_interval", "max_poll_interval", "growth", "backoff_cap", "rate_limit_patience"):
             object.__setattr__(self, name, protocol.positive_seconds(getattr(self, name), name))
+        if self.poll_interval < MIN_POLL_INTERVAL:
+            raise AltaBotsConfigError(
+                f"poll_interval must be at least {MIN_POLL_INTERVAL} s (every check spends the plan's "
+                f"request quota), not {self.poll_interval}."
+            )
         if self.max_poll_interval < self.poll_interval:
             raise AltaBotsConfigError(
                 f"max_poll_interval ({self.max_poll_interval}) must not be below "
@@ -98,16 +133,18 @@ class PollPolicy:
 
     def delay_after_error(self, error: AltaBotsTransientError, attempt: int) -> float:
         """
-        Seconds to wait after the ``attempt``-th failure in a row.
+        Seconds to wait after the ``attempt``-th failure (or 429) in a row.
 
-        The API's own ``Retry-After``/``X-RateLimit-Reset`` wins (plus a little jitter, so that
-        many waiting tasks do not come back at the same instant); otherwise exponential backoff
-        with jitter.
+        Exponential backoff with jitter, never shorter than the API's own
+        ``Retry-After``/``X-RateLimit-Reset`` (plus a little jitter, so that many waiting tasks do
+        not come back at the same instant), nor than :data:`MIN_POLL_INTERVAL`. When the API's
+        hint keeps failing, the backoff outgrows it.
         """
         jitter = random.uniform(0.5, 1.0)  # noqa: S311 - spreading retries, not security
+        delay = jitter * min(self.poll_interval * 2.0 ** (attempt - 1), self.backoff_cap)
         if error.retry_after is not None:
-            return error.retry_after + jitter * min(self.poll_interval, 1.0)
-        return jitter * min(self.poll_interval * 2.0 ** (attempt - 1), self.backoff_cap)
+            delay = max(delay, error.retry_after + jitter * min(self.poll_interval, 1.0))
+        return max(delay, MIN_POLL_INTERVAL)
 
 
 def deadline_after(timeout: float | None, now: float | None = None) -> float | None:
@@ -153,6 +190,8 @@ class RunWatch:
     :param run_id: the run being waited for (named in every message).
     :param policy: intervals and limits.
     :param deadline: absolute Unix time after which the wait ends; ``None`` waits forever.
+    :param interval: the wait before the next check, when the wait goes on from an earlier one
+        (a trigger taking over from the worker's first checks); default ``policy.poll_interval``.
     :param log: where to warn about unknown statuses and retried errors.
     :param clock: returns the current Unix time; replaceable in tests.
     """
@@ -163,6 +202,7 @@ class RunWatch:
         policy: PollPolicy,
         *,
         deadline: float | None = None,
+        interval: float | None = None,
         log: Logger | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -171,15 +211,23 @@ class RunWatch:
         self.deadline = deadline
         self.log = log or logging.getLogger(__name__)
         self.clock = clock
-        self.interval = policy.poll_interval
+        self.interval = policy.poll_interval if interval is None else max(interval, policy.poll_interval)
         self.errors = ErrorStreak(policy)
         self.checks = 0
         self.last_status: str | None = None
         self.record: dict[str, Any] | None = None
 
-    def first_delay(self) -> float:
-        """The wait before the first check."""
-        return self._until_deadline(self.policy.poll_interval)
+    def first_delay(self, at_least: float = 0.0) -> float:
+        """The wait before the first check: at least ``at_least`` seconds, unless the deadline is sooner."""
+        return self._until_deadline(max(self.interval, at_least))
+
+    @property
+    def check_deadline(self) -> float | None:
+        """
+        The Unix time by which a check must have ended: the deadline plus :data:`DEADLINE_GRACE`
+        (a check made after the deadline, as by a triggerer restarted late, gets the grace too).
+        """
+        return None if self.deadline is None else max(self.deadline, self.clock()) + DEADLINE_GRACE
 
     def observe(self, outcome: Mapping[str, Any] | AltaBotsTransientError) -> float | None:
         """
@@ -198,18 +246,20 @@ class RunWatch:
             self.errors.reset()
             self.record = dict(outcome)
             status = outcome.get("status")
-            self.last_status = str(status)
+            self.last_status = protocol.short(status)
             kind = protocol.status_kind(status)
             if kind == "succeeded":
                 return None
             if kind == "failed":
-                raise AltaBotsRunFailed(protocol.failure_message(self.record), run_id=self.run_id)
+                raise AltaBotsRunFailed(
+                    protocol.failure_message(self.run_id, self.record), run_id=self.run_id
+                )
             if kind == "unknown":
                 self.log.warning(
                     "Workflow run %s reports status %r, which this provider does not know; it is not "
                     "taken for success, so the task keeps waiting.",
                     self.run_id,
-                    status,
+                    self.last_status,
                 )
             delay = self.interval
             self.interval = self.policy.next_interval(self.interval)
@@ -257,16 +307,31 @@ class RunWatch:
 
 def wait_for_run(
     watch: RunWatch,
-    check: Callable[[], dict[str, Any]],
+    check: Callable[[float | None], dict[str, Any]],
     sleep: Callable[[float], None] | None = None,
-) -> dict[str, Any]:
-    """Block until the watched run succeeds; return its record. ``check`` fetches the record once."""
+    *,
+    hand_over_after: float | None = None,
+) -> dict[str, Any] | None:
+    """
+    Block until the watched run succeeds; return its record.
+
+    :param check: fetches the record once; it is given :attr:`RunWatch.check_deadline`, the Unix
+        time by which the request must have ended (``None``: no deadline).
+    :param hand_over_after: stop and return ``None`` when the next check would come later than
+        this many seconds after the wait began: the caller hands the rest of the wait over (to a
+        trigger), which goes on with :attr:`RunWatch.interval`, the schedule's next wait.
+    """
     sleep = sleep or time.sleep
+    began, slept = time.monotonic(), 0.0
     delay = watch.first_delay()
     while True:
+        # The schedule, or the clock when requests themselves took long, decides the hand-over.
+        if hand_over_after is not None and max(slept, time.monotonic() - began) + delay > hand_over_after:
+            return None
         sleep(delay)
+        slept += delay
         try:
-            outcome: dict[str, Any] | AltaBotsTransientError = check()
+            outcome: dict[str, Any] | AltaBotsTransientError = check(watch.check_deadline)
         except AltaBotsTransientError as error:
             outcome = error
         next_delay = watch.observe(outcome)

@@ -3,7 +3,7 @@ The AltaBots workflow API: requests, answers, statuses and errors, with no I/O.
 
 This module is the one place that knows the wire format. The synchronous transport
 (``requests``, on workers) and the asynchronous one (``httpx``, in triggers) both build their
-requests and read their answers here, so they cannot drift apart.
+requests, read their answers and word their errors here, so they cannot drift apart.
 
 What the vendor's pages say, and what they leave open, is summarised below; where they are
 silent this module takes the safe reading and says so.
@@ -19,15 +19,24 @@ silent this module takes the safe reading and says so.
   ``{"error": {"code": "...", "message": "...", "status": 400}}`` (AltaBots). A non-zero
   ``code`` in a 2xx answer is an error too. Which HTTP status goes with which code is not
   documented, so both are read.
-* There is no idempotency key and no cancel endpoint.
+* There is no idempotency key and no cancel endpoint. So an invoke whose outcome this module
+  cannot prove (a 5xx, a broken or cut-off answer, a network failure after the request may have
+  been written) becomes :class:`AltaBotsInvokeUncertain`, which is never sent again.
+
+Nothing an answer holds is trusted: every status, header and body ends as a record or as one of
+this provider's errors (never a ``ValueError`` or ``RecursionError``), answers are capped at
+:data:`MAX_ANSWER_BYTES` after decompression, run ids at :data:`MAX_RUN_ID_LENGTH`, and no
+message quotes the API key, a redirect's target path, or the text of an HTTP library's error.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import time
-from collections.abc import Mapping
+import zlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
@@ -37,6 +46,8 @@ from airflow_provider_altabots.exceptions import (
     AltaBotsApiError,
     AltaBotsAuthError,
     AltaBotsConfigError,
+    AltaBotsError,
+    AltaBotsInvokeUncertain,
     AltaBotsTransientError,
 )
 
@@ -44,11 +55,26 @@ DEFAULT_BASE_URL = "https://altatech.ai"
 INVOKE_PATH = "/v1/workflow/invoke"
 RESULT_PATH = "/v1/workflow/query/result"
 VERIFY_PATH = "/v1/api-key/verify"
+#: The API version prefix of every path above. A base URL copied with it (``https://host/v1``)
+#: is accepted and the prefix dropped, so requests do not go to ``/v1/v1/...``.
+API_PREFIX = "/v1"
 
 #: ``auth_scheme`` values: ``bearer`` sends ``Authorization: Bearer <key>`` (newer pages);
 #: ``raw`` sends ``Authorization: <key>`` (older pages).
 AUTH_SCHEMES = ("bearer", "raw")
-DEFAULT_TIMEOUT = 30.0
+#: Seconds one request may take in all (connect, send and every read), unless the connection's
+#: ``timeout`` extra says otherwise.
+DEFAULT_REQUEST_TIMEOUT = 30.0
+#: The most seconds any duration a user types may hold (a year): beyond it a number is a mistake
+#: (``1e300`` overflows the socket layer); ``timeout=None`` is the way to wait without limit.
+MAX_SECONDS = 366 * 24 * 3600.0
+#: The largest answer read, in bytes after decompression (connection extra ``max_answer_bytes``).
+#: A run record is its output plus a few fields; 8 MiB holds any text output a workflow is likely
+#: to give, while a runaway or hostile answer cannot fill a worker's memory or the XCom table.
+MAX_ANSWER_BYTES = 8 * 1024 * 1024
+#: The longest run id accepted. The vendor's ids are short (its pages show 8-character
+#: placeholders; UUIDs are 36); anything this long is a broken answer, not an id to store.
+MAX_RUN_ID_LENGTH = 128
 
 #: The API accepts at most this many webhooks per invoke.
 MAX_WEBHOOKS = 5
@@ -79,6 +105,12 @@ SERVER_CODES = frozenset({50000})
 #: Fields of the run record that are left out of the ``workflow_run`` XCom.
 BULKY_FIELDS = ("input", "output")
 
+_TRUST_HINT = (
+    "If the API is reached through a proxy or gateway with a private certificate authority, point "
+    "SSL_CERT_FILE (or REQUESTS_CA_BUNDLE) at a PEM file holding that authority's certificate on the "
+    "workers and the triggerer; this provider trusts the bundle either variable names."
+)
+
 
 def status_kind(status: object) -> StatusKind:
     """Classify a run status: ``succeeded``, ``failed``, ``active`` or ``unknown`` (never success)."""
@@ -91,78 +123,179 @@ def status_kind(status: object) -> StatusKind:
     return "unknown"
 
 
+# -- the connection ------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class ConnectionSettings:
     """
     Where and how to reach the API, read from an Airflow connection.
 
-    :param base_url: scheme and host, e.g. ``https://altatech.ai`` or ``https://api-sg.gptbots.ai``.
+    :param base_url: scheme, host, port and an optional path prefix, e.g. ``https://altatech.ai``
+        or ``https://api-sg.gptbots.ai``.
     :param api_key: the workflow's API key (the connection's password). Never shown in ``repr``.
     :param auth_scheme: ``bearer`` or ``raw``.
-    :param timeout: seconds allowed for each request.
+    :param timeout: seconds one request may take in all: connect, send and every read.
+    :param max_answer_bytes: the largest answer read, after decompression.
     """
 
     conn_id: str
     base_url: str
     api_key: str = field(repr=False)
     auth_scheme: str = "bearer"
-    timeout: float = DEFAULT_TIMEOUT
+    timeout: float = DEFAULT_REQUEST_TIMEOUT
+    max_answer_bytes: int = MAX_ANSWER_BYTES
 
     @classmethod
     def from_connection(
         cls, conn_id: str, host: str | None, port: int | None, password: str | None, extra: Mapping[str, Any]
     ) -> ConnectionSettings:
         """Validate the fields of an ``altabots`` connection; raise :class:`AltaBotsConfigError`."""
-        if not password:
-            raise AltaBotsConfigError(
-                f"Connection {conn_id!r} has no API key: put the workflow's API key in its password field."
-            )
+        api_key = _api_key(conn_id, password)
         base_url = _base_url(conn_id, host, port)
+        if not isinstance(extra, Mapping):
+            raise AltaBotsConfigError(f"Connection {conn_id!r}: extra must be a JSON object.")
         scheme = str(extra.get("auth_scheme") or "bearer").strip().lower()
         if scheme not in AUTH_SCHEMES:
             raise AltaBotsConfigError(
                 f"Connection {conn_id!r}: extra auth_scheme must be one of {', '.join(AUTH_SCHEMES)}, "
-                f"not {scheme!r}."
+                f"not {_snippet(scheme, 40)!r}."
             )
-        timeout = positive_seconds(extra.get("timeout", DEFAULT_TIMEOUT), f"connection {conn_id!r} timeout")
-        return cls(conn_id=conn_id, base_url=base_url, api_key=password, auth_scheme=scheme, timeout=timeout)
+        timeout = positive_seconds(
+            extra.get("timeout", DEFAULT_REQUEST_TIMEOUT), f"Connection {conn_id!r}: extra timeout"
+        )
+        max_bytes = positive_int(
+            extra.get("max_answer_bytes", MAX_ANSWER_BYTES), f"Connection {conn_id!r}: extra max_answer_bytes"
+        )
+        return cls(conn_id, base_url, api_key, scheme, timeout, max_bytes)
 
     def url(self, path: str) -> str:
         return self.base_url + path
 
     @property
+    def authorization(self) -> str:
+        """The value of the ``Authorization`` header."""
+        return f"Bearer {self.api_key}" if self.auth_scheme == "bearer" else self.api_key
+
+    @property
     def headers(self) -> dict[str, str]:
         """Headers sent with every request, the ``Authorization`` header included."""
-        auth = f"Bearer {self.api_key}" if self.auth_scheme == "bearer" else self.api_key
-        return {"Authorization": auth, "Content-Type": "application/json", "Accept": "application/json"}
+        return {
+            "Authorization": self.authorization,
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "Accept-Encoding": "gzip, deflate",
+        }
+
+    @property
+    def plain_http_warning(self) -> str | None:
+        """A warning when the key would travel unencrypted to a host that is not this machine."""
+        parts = urlsplit(self.base_url)
+        if parts.scheme != "http" or _is_loopback(parts.hostname or ""):
+            return None
+        return (
+            f"Connection {self.conn_id!r} sends the API key over plain http:// to {parts.hostname}: "
+            "anyone on the network path can read it. Use https:// unless that host is a local proxy "
+            "you trust."
+        )
+
+
+def _api_key(conn_id: str, password: str | None) -> str:
+    key = password.strip() if isinstance(password, str) else ""
+    if not key:
+        raise AltaBotsConfigError(
+            f"Connection {conn_id!r} has no API key: put the workflow's API key in its password field."
+        )
+    if not all(" " <= char <= "~" for char in key):
+        # Never quote the key, not even escaped: an escaped key is not masked in logs.
+        raise AltaBotsConfigError(
+            f"Connection {conn_id!r}: the API key holds a control character (such as a line break inside "
+            "it) or a non-ASCII character, so it cannot be sent in an HTTP header. Copy the key again "
+            "from the vendor's console into the connection's password field."
+        )
+    return key
 
 
 def _base_url(conn_id: str, host: str | None, port: int | None) -> str:
-    raw = (host or "").strip().rstrip("/") or DEFAULT_BASE_URL
+    """The base URL of a connection's host and port fields; refuse anything odd before any request."""
+    where = f"Connection {conn_id!r}: host"
+    example = f"a base URL such as {DEFAULT_BASE_URL} or https://api-sg.gptbots.ai"
+    raw = host.strip() if isinstance(host, str) else ""
+    raw = raw or DEFAULT_BASE_URL
+    if not raw.isprintable() or any(char.isspace() for char in raw):
+        raise AltaBotsConfigError(f"{where} holds spaces or control characters; it must be {example}.")
     if "://" not in raw:
         raw = "https://" + raw
-    parts = urlsplit(raw)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if "?" in raw or "#" in raw:
+        raise AltaBotsConfigError(f"{where} must be {example}, without a ?query or #fragment.")
+    try:
+        parts = urlsplit(raw)
+        hostname, url_port = parts.hostname, parts.port
+    except ValueError:
         raise AltaBotsConfigError(
-            f"Connection {conn_id!r}: host must be a base URL such as {DEFAULT_BASE_URL} "
-            "or https://api-sg.gptbots.ai."
+            f"{where} is not a valid URL (check brackets and the port); use {example}."
+        ) from None
+    if "@" in parts.netloc:
+        # The secret is not quoted: it would show in the log and the UI's test message.
+        raise AltaBotsConfigError(
+            f"{where} holds a user name or password before '@'. Remove it: the API key belongs in the "
+            "connection's password field, and a secret in the host would be shown in logs."
         )
-    if port and parts.port is None:
-        raw = f"{parts.scheme}://{parts.netloc}:{port}{parts.path}"
-    return raw
+    if parts.scheme not in ("http", "https") or not hostname:
+        raise AltaBotsConfigError(f"{where} must be {example} (http:// or https://).")
+    try:
+        ascii_host = hostname.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise AltaBotsConfigError(f"{where} names a host that is not a valid domain name.") from None
+    if url_port == 0:
+        raise AltaBotsConfigError(f"{where} has port 0; use a port from 1 to 65535.")
+    if url_port is None and port not in (None, ""):
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise AltaBotsConfigError(f"Connection {conn_id!r}: port must be a number from 1 to 65535.")
+        url_port = port
+    if ":" in ascii_host:  # an IPv6 address
+        ascii_host = f"[{ascii_host}]"
+    path = parts.path.rstrip("/")
+    if path.endswith(API_PREFIX):
+        path = path[: -len(API_PREFIX)]
+    return f"{parts.scheme}://{ascii_host}{f':{url_port}' if url_port else ''}{path}"
+
+
+def _is_loopback(hostname: str) -> bool:
+    if hostname == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(hostname).is_loopback
+    except ValueError:
+        return False
 
 
 def positive_seconds(value: Any, what: str) -> float:
-    """``value`` as a finite number of seconds > 0; raise :class:`AltaBotsConfigError` otherwise."""
+    """``value`` as seconds, > 0 and at most :data:`MAX_SECONDS`; raise :class:`AltaBotsConfigError`."""
     if isinstance(value, bool):
         value = None
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         number = math.nan
-    if not number > 0 or math.isinf(number):
-        raise AltaBotsConfigError(f"{what} must be a positive number of seconds, not {value!r}.")
+    if not 0 < number <= MAX_SECONDS:
+        raise AltaBotsConfigError(
+            f"{what} must be a number of seconds above 0 and at most {MAX_SECONDS:.0f} (a year), "
+            f"not {_snippet(repr(value), 40)}."
+        )
     return number
+
+
+def positive_int(value: Any, what: str) -> int:
+    """``value`` as an integer >= 1; raise :class:`AltaBotsConfigError` otherwise."""
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise AltaBotsConfigError(f"{what} must be a whole number above 0, not {_snippet(repr(value), 40)}.")
+    return value
+
+
+# -- requests ----------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -172,6 +305,7 @@ class ApiRequest:
 
     :param action: what the request does, in words, for error messages.
     :param run_id: the run it concerns, when known.
+    :param content: the JSON body as bytes, built (and checked) when the request is made.
     """
 
     method: str
@@ -179,6 +313,15 @@ class ApiRequest:
     body: dict[str, Any] | None
     action: str
     run_id: str | None = None
+    content: bytes | None = field(init=False, repr=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.body is not None:
+            object.__setattr__(self, "content", _json_bytes(self.body, "the request body"))
+
+    @property
+    def is_invoke(self) -> bool:
+        return self.path == INVOKE_PATH
 
 
 def invoke_request(
@@ -192,7 +335,9 @@ def invoke_request(
     body: dict[str, Any] = {"input": check_input(input), "isAsync": bool(is_async)}
     if user_id is not None:
         if not isinstance(user_id, str) or not user_id:
-            raise AltaBotsConfigError(f"user_id must be a non-empty string, not {user_id!r}.")
+            raise AltaBotsConfigError(
+                f"user_id must be a non-empty string, not {_snippet(repr(user_id), 60)}."
+            )
         body["userId"] = user_id
     if webhooks:
         body["webhook"] = check_webhooks(webhooks)
@@ -212,26 +357,46 @@ def verify_request() -> ApiRequest:
 
 
 def check_input(value: Any) -> dict[str, Any]:
-    """The Start node's parameters must be a mapping (after templating)."""
+    """The Start node's parameters must be a mapping of JSON values (after templating)."""
     if not isinstance(value, Mapping):
         raise AltaBotsConfigError(
             "input must be a mapping of the workflow's Start-node parameters after templating, "
             f"not {type(value).__name__}. If you template it from a string, set "
             "render_template_as_native_obj=True on the DAG."
         )
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError) as error:
-        raise AltaBotsConfigError(
-            f"input must hold only JSON values (the API takes JSON): {error}."
-        ) from None
+    _json_bytes(value, "input")
     return dict(value)
 
 
+def _json_bytes(value: Any, what: str) -> bytes:
+    try:
+        return json.dumps(value, allow_nan=False, ensure_ascii=False).encode()
+    except (TypeError, ValueError, RecursionError) as error:
+        reason = "it nests too deeply" if isinstance(error, RecursionError) else str(error)
+        raise AltaBotsConfigError(
+            f"{what} must hold only JSON values (the API takes JSON; NaN and infinity are not JSON): "
+            f"{_snippet(reason, 120)}."
+        ) from None
+
+
 def check_run_id(value: Any) -> str:
+    """A run id as given by a user: printable ASCII without spaces, at most :data:`MAX_RUN_ID_LENGTH`."""
+    problem = run_id_problem(value)
+    if problem:
+        raise AltaBotsConfigError(f"A workflow run id must be {problem}.")
+    return str(value).strip()
+
+
+def run_id_problem(value: Any) -> str | None:
+    """Why ``value`` is no run id (``None`` when it is one); never quotes more than a snippet."""
     if not isinstance(value, str) or not value.strip():
-        raise AltaBotsConfigError(f"A workflow run id must be a non-empty string, not {value!r}.")
-    return value.strip()
+        return f"a non-empty string, not {_snippet(repr(value), 60)}"
+    value = value.strip()
+    if len(value) > MAX_RUN_ID_LENGTH:
+        return f"at most {MAX_RUN_ID_LENGTH} characters, not {len(value)}"
+    if not all("!" <= char <= "~" for char in value):
+        return f"printable ASCII without spaces, not {_snippet(repr(value), 60)}"
+    return None
 
 
 def check_webhooks(value: Any) -> list[dict[str, Any]]:
@@ -247,17 +412,19 @@ def check_webhooks(value: Any) -> list[dict[str, Any]]:
         method, url, headers = hook.get("method"), hook.get("url"), hook.get("headers")
         if not isinstance(method, str) or method.upper() not in WEBHOOK_METHODS:
             allowed = ", ".join(sorted(WEBHOOK_METHODS))
-            raise AltaBotsConfigError(f"webhook {number}: method must be one of {allowed}, not {method!r}.")
-        parts = urlsplit(url) if isinstance(url, str) else None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise AltaBotsConfigError(
+                f"webhook {number}: method must be one of {allowed}, not {_snippet(repr(method), 40)}."
+            )
+        if not _is_web_url(url):
             raise AltaBotsConfigError(f"webhook {number}: url must be an http:// or https:// URL.")
         if headers is not None and not (
-            isinstance(headers, Mapping) and all(isinstance(v, str) for v in headers.values())
+            isinstance(headers, Mapping)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items())
         ):
-            raise AltaBotsConfigError(f"webhook {number}: headers must be a mapping of strings.")
+            raise AltaBotsConfigError(f"webhook {number}: headers must be a mapping of strings to strings.")
         unknown = set(hook) - {"method", "url", "headers"}
         if unknown:
-            raise AltaBotsConfigError(f"webhook {number}: unknown keys {sorted(unknown)}.")
+            raise AltaBotsConfigError(f"webhook {number}: unknown keys {sorted(map(str, unknown))}.")
         entry: dict[str, Any] = {"method": method.upper(), "url": url}
         if headers:
             entry["headers"] = dict(headers)
@@ -265,22 +432,167 @@ def check_webhooks(value: Any) -> list[dict[str, Any]]:
     return checked
 
 
+def _is_web_url(url: Any) -> bool:
+    if not isinstance(url, str):
+        return False
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def webhook_secrets(webhooks: Any) -> list[str]:
+    """What a webhook may hide a secret in: every header value, and each URL's path and query."""
+    secrets: list[str] = []
+    for hook in webhooks if isinstance(webhooks, list | tuple) else ():
+        if not isinstance(hook, Mapping):
+            continue
+        headers = hook.get("headers")
+        if isinstance(headers, Mapping):
+            secrets.extend(value for value in headers.values() if isinstance(value, str) and value)
+        if _is_web_url(hook.get("url")):
+            parts = urlsplit(hook["url"])
+            secrets.extend(part for part in (parts.path.strip("/"), parts.query) if part)
+    return secrets
+
+
+def redacted_webhooks(webhooks: Any) -> Any:
+    """
+    ``webhooks`` as they may be shown: header values and each URL's path and query as ``***``.
+
+    Method, header names and the URL's scheme, host and port stay readable.
+    """
+    if not isinstance(webhooks, list | tuple):
+        return webhooks
+    shown = []
+    for hook in webhooks:
+        if not isinstance(hook, Mapping):
+            shown.append(hook)
+            continue
+        entry = dict(hook)
+        if _is_web_url(entry.get("url")):
+            parts = urlsplit(entry["url"])
+            hidden = (parts.path.strip("/") or parts.query) and "/***"
+            entry["url"] = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{hidden or ''}"
+        elif "url" in entry:
+            entry["url"] = "***"
+        if isinstance(entry.get("headers"), Mapping):
+            entry["headers"] = {name: "***" for name in entry["headers"]}
+        shown.append(entry)
+    return shown
+
+
+# -- answers ----------------------------------------------------------------------------------------
+
+
+class AnswerBody:
+    """
+    An answer's body as a transport reads it, chunk by chunk: decoded here and capped.
+
+    The transports hand over the bytes as they came off the wire. ``gzip`` and ``deflate`` are
+    decoded here, never more than ``limit`` bytes plus one: a small compressed answer that would
+    inflate to gigabytes (a "zip bomb") stops at the cap. Any other ``Content-Encoding`` is a
+    broken answer.
+
+    :raises AltaBotsConfigError: (:meth:`feed`) the answer is larger than ``limit`` (for an
+        invoke, :class:`AltaBotsInvokeUncertain`).
+    """
+
+    def __init__(self, request: ApiRequest, headers: Mapping[str, str], limit: int) -> None:
+        self.request = request
+        self.limit = limit
+        self.size = 0
+        self._parts: list[bytes] = []
+        lower = _lower_keys(headers)
+        codings = [c.strip().lower() for c in str(lower.get("content-encoding", "")).split(",")]
+        codings = [c for c in codings if c and c != "identity"]
+        self._inflater: Any = None
+        if codings in (["gzip"], ["x-gzip"], ["deflate"]):
+            # MAX_WBITS | 32 reads both the gzip and the zlib ("deflate") framing.
+            self._inflater = zlib.decompressobj(zlib.MAX_WBITS | 32)
+        elif codings:
+            raise broken_answer(
+                request, f"its Content-Encoding {_snippet(', '.join(codings), 40)!r} is not gzip or deflate"
+            )
+        declared = str(lower.get("content-length", "")).strip()
+        if not codings and declared.isascii() and declared.isdigit() and int(declared) > limit:
+            raise self._too_large()
+
+    def feed(self, chunk: bytes) -> None:
+        """Take the next chunk of bytes as read from the connection."""
+        if self._inflater is None:
+            self._add(chunk)
+            return
+        data = chunk
+        try:
+            while data:
+                self._add(self._inflater.decompress(data, self.limit - self.size + 1))
+                data = self._inflater.unconsumed_tail
+        except zlib.error:
+            raise broken_answer(self.request, "its compressed body is corrupt") from None
+
+    def finish(self) -> bytes:
+        """The whole decoded body, once the transport read the last chunk."""
+        if self._inflater is not None:
+            try:
+                self._add(self._inflater.flush())
+            except zlib.error:
+                raise broken_answer(self.request, "its compressed body is corrupt") from None
+            if self.size and not self._inflater.eof:
+                raise broken_answer(self.request, "its compressed body is cut off")
+        return b"".join(self._parts)
+
+    def _add(self, part: bytes) -> None:
+        self.size += len(part)
+        if self.size > self.limit:
+            raise self._too_large()
+        if part:
+            self._parts.append(part)
+
+    def _too_large(self) -> AltaBotsError:
+        return _uncertain_if_invoke(
+            self.request,
+            AltaBotsConfigError(
+                f"Could not {self.request.action}: the API's answer is larger than {self.limit} bytes, "
+                "the connection's max_answer_bytes. If the workflow's output is really that large, raise "
+                "the extra max_answer_bytes of the connection, then clear the task"
+                + (
+                    f": a new try resumes workflow run {self.request.run_id}." if self.request.run_id else "."
+                ),
+                run_id=self.request.run_id,
+            ),
+        )
+
+
 def read_answer(
-    request: ApiRequest, status_code: int, headers: Mapping[str, str], body: bytes
+    request: ApiRequest,
+    status_code: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    secrets: Iterable[str] = (),
 ) -> dict[str, Any]:
     """
     Turn an HTTP answer into the JSON object it carries, or raise the matching error.
 
+    :param body: the decoded body (see :class:`AnswerBody`).
+    :param secrets: strings never to repeat in a message (the API key), should the API echo them.
+    :raises AltaBotsConfigError: a 3xx: this provider follows no redirect.
     :raises AltaBotsAuthError: HTTP 401/403 or code 40127.
     :raises AltaBotsTransientError: HTTP 429 or 5xx, a server-side error code, or a 2xx answer
         that is not a JSON object (a proxy page, a cut-off answer).
     :raises AltaBotsApiError: any other error answer.
+    :raises AltaBotsInvokeUncertain: instead of a transient error, for an invoke (a run may exist).
     """
     data = _json_object(body)
     code, api_message = error_in(data)
     what = f"Could not {request.action}"
-    said = _said(status_code, code, api_message, body if data is None else None)
+    said = _scrub(_said(status_code, code, api_message, body if data is None else None), secrets)
 
+    if 300 <= status_code < 400:
+        raise redirect_error(request, status_code, headers)
     if status_code in (401, 403) or _same_code(code, AUTH_CODE):
         raise AltaBotsAuthError(
             f"{what}: the API refused the API key ({said}). Check that the connection's password holds "
@@ -288,23 +600,107 @@ def read_answer(
             run_id=request.run_id,
         )
     if status_code == 429:
-        wait = retry_after(headers)
         raise AltaBotsTransientError(
             f"{what}: rate limited ({said}). Your plan's request quota is used up for now.",
             run_id=request.run_id,
-            retry_after=wait,
+            retry_after=retry_after(headers),
             rate_limited=True,
         )
     if status_code >= 500 or any(_same_code(code, server) for server in SERVER_CODES):
-        raise AltaBotsTransientError(f"{what}: the API failed ({said}).", run_id=request.run_id)
+        raise _uncertain_if_invoke(
+            request, AltaBotsTransientError(f"{what}: the API failed ({said}).", run_id=request.run_id)
+        )
     if status_code >= 400 or code is not None:
         raise AltaBotsApiError(f"{what}: {said}.", run_id=request.run_id, code=code, http_status=status_code)
+    if not 200 <= status_code < 300:
+        raise broken_answer(request, f"HTTP {status_code} is not an answer this API gives")
     if data is None:
-        raise AltaBotsTransientError(
-            f"{what}: HTTP {status_code} answer is not a JSON object ({_snippet(body)}).",
-            run_id=request.run_id,
-        )
+        raise broken_answer(request, f"the HTTP {status_code} answer is not a JSON object ({said})")
     return data
+
+
+def read_record(request: ApiRequest, answer: Mapping[str, Any]) -> dict[str, Any]:
+    """A run record asked for with :func:`result_request`; one naming another run is a broken answer."""
+    named = answer.get("workflowRunId")
+    if named is not None and named != request.run_id:
+        raise broken_answer(request, "it is the record of another workflow run")
+    return dict(answer)
+
+
+def read_run_id(request: ApiRequest, answer: Mapping[str, Any]) -> str:
+    """The run id of an invoke's answer; without a usable one the invoke's outcome is uncertain."""
+    problem = run_id_problem(answer.get("workflowRunId"))
+    if problem:
+        raise broken_answer(request, f"its workflowRunId is no run id (it must be {problem})")
+    return str(answer["workflowRunId"]).strip()
+
+
+def broken_answer(request: ApiRequest, why: str) -> AltaBotsError:
+    """An answer that makes no sense: asking again may help; for an invoke, a run may exist."""
+    return _uncertain_if_invoke(
+        request,
+        AltaBotsTransientError(
+            f"Could not {request.action}: the API's answer is unusable: {why}.", run_id=request.run_id
+        ),
+    )
+
+
+def redirect_error(request: ApiRequest, status_code: int, headers: Mapping[str, str]) -> AltaBotsConfigError:
+    """A 3xx: never followed (it would carry the key and webhook tokens on), never a result."""
+    location = str(_lower_keys(headers).get("location", ""))
+    try:
+        target = urlsplit(location).hostname
+    except ValueError:
+        target = None
+    where = f"to host {_snippet(target, 80)}" if target else "elsewhere"
+    return AltaBotsConfigError(
+        f"Could not {request.action}: the API answered HTTP {status_code}, redirecting {where}. This "
+        "provider follows no redirect, since that would send the API key and webhook tokens on. If that "
+        "host is the API's own address, put it in the connection's host.",
+        run_id=request.run_id,
+    )
+
+
+def network_error(request: ApiRequest, url: str, failure: str, *, sent: bool) -> AltaBotsError:
+    """
+    A request that failed on the way: ``failure`` says how, in this provider's own words.
+
+    ``sent`` is ``False`` only when the request surely never left (connect refused or timed out,
+    name not resolved, TLS handshake failed); only then may an invoke be sent again.
+    """
+    where = "after it may have reached the API" if sent else "before it reached the API"
+    error = AltaBotsTransientError(
+        f"Could not {request.action} at {url}: {failure}, {where}.", run_id=request.run_id, sent=sent
+    )
+    return _uncertain_if_invoke(request, error) if sent else error
+
+
+def certificate_error(request: ApiRequest, url: str) -> AltaBotsConfigError:
+    """The server's TLS certificate is not trusted: configuration, not bad luck; nothing was sent."""
+    return AltaBotsConfigError(
+        f"Could not {request.action} at {url}: the server's TLS certificate is not trusted (unknown "
+        f"authority, expired, or issued for another host name); nothing was sent. {_TRUST_HINT}",
+        run_id=request.run_id,
+    )
+
+
+def request_error(request: ApiRequest, url: str, what: str) -> AltaBotsConfigError:
+    """The HTTP library refused to build the request (it never left): a configuration problem."""
+    return AltaBotsConfigError(
+        f"Could not {request.action} at {url}: the request could not be built ({what}); nothing was sent. "
+        "Check the connection's host and password.",
+        run_id=request.run_id,
+    )
+
+
+def _uncertain_if_invoke(request: ApiRequest, error: AltaBotsError) -> AltaBotsError:
+    if not request.is_invoke:
+        return error
+    return AltaBotsInvokeUncertain(
+        f"{error.message} The invoke may have started a run, and been billed, but no usable run id came "
+        "back. The API has no idempotency key, so it is not sent again: look for the run in the vendor's "
+        "console, then clear this task if you want a new run."
+    )
 
 
 def error_in(data: Mapping[str, Any] | None) -> tuple[int | str | None, str | None]:
@@ -312,23 +708,13 @@ def error_in(data: Mapping[str, Any] | None) -> tuple[int | str | None, str | No
     if not data:
         return None, None
     nested = data.get("error")
-    if isinstance(nested, Mapping):
-        return nested.get("code") or nested.get("status") or "error", _text(nested.get("message"))
+    if isinstance(nested, Mapping) and "workflowRunId" not in data:
+        code = nested.get("code") or nested.get("status") or "error"
+        return _code(code), _text(nested.get("message"))
     code = data.get("code")
-    if code in (None, 0, "0", "", 200, "200"):
+    if code is None or isinstance(code, bool) or code in (0, "0", "", 200, "200"):
         return None, None
-    return code, _text(data.get("message") or data.get("msg"))
-
-
-def read_run_id(request: ApiRequest, answer: Mapping[str, Any]) -> str:
-    """The run id of an asynchronous invoke's answer."""
-    run_id = answer.get("workflowRunId")
-    if not isinstance(run_id, str) or not run_id:
-        raise AltaBotsApiError(
-            f"The API accepted the request to {request.action} but its answer holds no workflowRunId "
-            f"(keys: {sorted(answer)}). A run may have started: check the vendor's console before retrying."
-        )
-    return run_id
+    return _code(code), _text(data.get("message") or data.get("msg"))
 
 
 def run_summary(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -339,22 +725,32 @@ def run_summary(record: Mapping[str, Any]) -> dict[str, Any]:
 def describe_run(record: Mapping[str, Any]) -> str:
     """``workflow 'name' (id, version v)`` for messages; empty parts are left out."""
     name, wid, version = record.get("workflowName"), record.get("workflowId"), record.get("workflowVersion")
-    details = ", ".join(str(part) for part in (wid, f"version {version}" if version else None) if part)
-    label = f"workflow {name!r}" if name else "the workflow"
+    details = ", ".join(
+        _snippet(str(part), 80) for part in (wid, f"version {version}" if version else None) if part
+    )
+    label = f"workflow {_snippet(str(name), 80)!r}" if name else "the workflow"
     return f"{label} ({details})" if details else label
 
 
-def failure_message(record: Mapping[str, Any]) -> str:
+def failure_message(run_id: str, record: Mapping[str, Any]) -> str:
     """What to tell the user about a FAILED run: which run, which workflow, what the API said."""
-    run_id = record.get("workflowRunId")
     seconds = record.get("workflowExecutionTime")
-    took = f" after {seconds / 1000:.1f} s" if isinstance(seconds, int | float) else ""
+    took = (
+        f" after {seconds / 1000:.1f} s"
+        if isinstance(seconds, int | float) and not isinstance(seconds, bool) and math.isfinite(seconds)
+        else ""
+    )
     said = {k: record[k] for k in ("message", "error", "errorMessage", "output") if record.get(k)}
-    detail = f" The API said: {_snippet(json.dumps(said, ensure_ascii=False))}." if said else ""
+    detail = f" The API said: {_snippet(_dump(said))}." if said else ""
     return (
         f"Workflow run {run_id} of {describe_run(record)} FAILED{took}.{detail} "
         "Check the run in the vendor's console; a task retry starts a new, billed run."
     )
+
+
+def short(value: Any, limit: int = 40) -> str:
+    """``value`` as a short one-line string, for a status or a field in a log line."""
+    return _snippet(str(value), limit)
 
 
 def retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
@@ -363,23 +759,21 @@ def retry_after(headers: Mapping[str, str], now: float | None = None) -> float |
 
     ``Retry-After`` may be seconds or an HTTP date. ``X-RateLimit-Reset`` is read as Unix time
     in seconds (AltaBots' documented form), or in milliseconds when it is that large, or as a
-    number of seconds when it is too small to be a date. ``None`` when neither says.
+    number of seconds when it is too small to be a date. ``None`` when neither says; at most a day.
     """
-    lower = {key.lower(): value for key, value in headers.items()}
+    lower = _lower_keys(headers)
     now = time.time() if now is None else now
     seconds: float | None = None
     if (value := lower.get("retry-after")) is not None:
-        try:
-            seconds = float(value)
-        except ValueError:
+        seconds = _number(value)
+        if seconds is None:
             try:
-                seconds = parsedate_to_datetime(value).timestamp() - now
-            except (TypeError, ValueError, IndexError):
+                seconds = parsedate_to_datetime(str(value)).timestamp() - now
+            except (TypeError, ValueError, IndexError, OverflowError):
                 seconds = None
     if seconds is None and (value := lower.get("x-ratelimit-reset")) is not None:
-        try:
-            reset = float(value)
-        except ValueError:
+        reset = _number(value)
+        if reset is None:
             return None
         if reset > 1e11:
             reset /= 1000.0
@@ -389,22 +783,44 @@ def retry_after(headers: Mapping[str, str], now: float | None = None) -> float |
     return min(max(seconds, 0.0), 86400.0)
 
 
+def _number(value: Any) -> float | None:
+    try:
+        number = float(str(value).strip())
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return None if math.isnan(number) else number
+
+
+def _lower_keys(headers: Mapping[str, str]) -> dict[str, str]:
+    return {str(key).lower(): value for key, value in headers.items()}
+
+
 def _json_object(body: bytes) -> dict[str, Any] | None:
     try:
         data = json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def _code(code: Any) -> int | str:
+    """An error code as an int, or a short string for anything else."""
+    if isinstance(code, int) and not isinstance(code, bool):
+        return code
+    if isinstance(code, str):
+        return _snippet(code, 40)
+    return _snippet(_dump(code), 40)
 
 
 def _same_code(code: object, expected: int) -> bool:
     return code is not None and str(code) == str(expected)
 
 
-def _said(status_code: int, code: object, message: str | None, raw: bytes | None) -> str:
+def _said(status_code: int, code: int | str | None, message: str | None, raw: bytes | None) -> str:
     parts = [f"HTTP {status_code}"]
     if code is not None:
-        hint = CODE_HINTS.get(int(str(code))) if str(code).isdigit() else None
+        number = code if isinstance(code, int) else int(code) if code.isascii() and code.isdigit() else None
+        hint = CODE_HINTS.get(number) if number is not None else None
         parts.append(f"code {code}" + (f", {hint}" if hint else ""))
     if message:
         parts.append(f"the API said: {_snippet(message)}")
@@ -413,11 +829,31 @@ def _said(status_code: int, code: object, message: str | None, raw: bytes | None
     return "; ".join(parts)
 
 
+def _scrub(text: str, secrets: Iterable[str]) -> str:
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _dump(value: Any) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, default=str)
+    except (ValueError, RecursionError):
+        return "(unprintable)"
+
+
 def _text(value: Any) -> str | None:
-    return None if value is None else str(value)
+    if value is None:
+        return None
+    return value if isinstance(value, str) else _dump(value)
 
 
-def _snippet(value: str | bytes, limit: int = 300) -> str:
-    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+def _snippet(value: str | bytes | None, limit: int = 300) -> str:
+    if value is None:
+        return ""
+    # Cut before collapsing whitespace: a hostile answer may be megabytes long.
+    text = value[: limit * 4].decode("utf-8", "replace") if isinstance(value, bytes) else value[: limit * 4]
     text = " ".join(text.split())
+    text = "".join(char if char.isprintable() else "?" for char in text)
     return text if len(text) <= limit else text[: limit - 3] + "..."

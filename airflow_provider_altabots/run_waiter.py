@@ -48,14 +48,20 @@ class RunWaiterMixin:
         """Read a run's record, riding out transient errors as the waiting policy allows."""
         return call_with_retries(lambda: self.hook.get_run_result(run_id), self.policy, log=self.log)
 
-    def defer_until_done(self, run_id: str, deadline: float | None) -> NoReturn:
-        """Free the worker slot: hand the wait to the triggerer, resume in :meth:`execute_complete`."""
+    def defer_until_done(
+        self, run_id: str, deadline: float | None, interval: float | None = None
+    ) -> NoReturn:
+        """
+        Free the worker slot: hand the wait to the triggerer, resume in :meth:`execute_complete`.
+
+        :param interval: the schedule's next wait, when the worker already made the first checks.
+        """
         from airflow_provider_altabots.triggers.altabots import AltaBotsWorkflowRunTrigger
 
         self.log.info("Deferring: the triggerer waits for workflow run %s.", run_id)
         self.defer(
             trigger=AltaBotsWorkflowRunTrigger(
-                run_id, self.altabots_conn_id, deadline=deadline, **self.policy.as_kwargs()
+                run_id, self.altabots_conn_id, deadline=deadline, interval=interval, **self.policy.as_kwargs()
             ),
             method_name="execute_complete",
         )
@@ -85,22 +91,25 @@ class RunWaiterMixin:
         if watch.observe(record) is not None:
             raise AltaBotsError(
                 f"The trigger reported workflow run {run_id} as SUCCEED, but the API now reports status "
-                f"{record.get('status')!r}. A task retry waits for the run again.",
+                f"{watch.last_status!r}. A task retry waits for the run again.",
                 run_id=run_id,
             )
-        return self.publish_run(context, record)
+        return self.publish_run(context, run_id, record)
 
-    def publish_run(self, context: Context, record: Mapping[str, Any]) -> Any:
-        """Push the run id and the run record (without input and output) to XCom; return the output."""
-        run_id = record.get("workflowRunId")
+    def publish_run(self, context: Context, run_id: str, record: Mapping[str, Any]) -> Any:
+        """
+        Push the run id and the run record (without input and output) to XCom; return the output.
+
+        The run id is the one the task asked for, whatever the record says (or omits).
+        """
         self.log.info(
             "Workflow run %s of %s ended with %s in %s ms: cost %s credits, %s tokens.",
             run_id,
             protocol.describe_run(record),
-            record.get("status"),
-            record.get("workflowExecutionTime"),
-            record.get("totalCost"),
-            record.get("totalTokens"),
+            *(
+                protocol.short(record.get(key))
+                for key in ("status", "workflowExecutionTime", "totalCost", "totalTokens")
+            ),
         )
         if self.do_xcom_push:
             ti = context["ti"]

@@ -98,12 +98,12 @@ def _bare_triggers(url: str, api_key: str, run_ids: list[str]) -> tuple[list[Any
     import httpx
     from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-    from airflow_provider_altabots.hooks.altabots import ASYNC_MAX_CONNECTIONS
+    from airflow_provider_altabots.transport import ASYNC_GATE_WIDTH
 
     # The same pool as ours, and a gate as wide in front of it: without the gate a burst of
     # checks queues inside httpx's pool, whose cost grows with the queue, until its pool timeout
     # fails requests; a floor that falls over is no floor.
-    width = ASYNC_MAX_CONNECTIONS
+    width = ASYNC_GATE_WIDTH
     client = httpx.AsyncClient(
         limits=httpx.Limits(max_connections=width, max_keepalive_connections=width), timeout=30
     )
@@ -153,7 +153,7 @@ async def _measure(client_name: str, n: int, ports: dict[str, int]) -> dict[str,
     else:
         import httpx  # noqa: F401
 
-        import airflow_provider_altabots.hooks.altabots  # noqa: F401 - the pool width bare copies
+        import airflow_provider_altabots.transport  # noqa: F401 - the pool width bare copies
         from airflow_provider_altabots.triggers.altabots import AltaBotsWorkflowRunTrigger
     import airflow.jobs.triggerer_job_runner  # noqa: F401 - the runner every client runs in
 

@@ -28,9 +28,9 @@ RELATIVE_DELAY_GOAL = 0.1
 
 
 def _pool_limit() -> int:
-    from airflow_provider_altabots.hooks.altabots import ASYNC_MAX_CONNECTIONS
+    from airflow_provider_altabots.transport import ASYNC_GATE_WIDTH
 
-    return ASYNC_MAX_CONNECTIONS
+    return ASYNC_GATE_WIDTH
 
 
 def _verdict(ok: bool) -> str:

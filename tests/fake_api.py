@@ -4,11 +4,13 @@ A scripted stand-in for the API, patched in at the HTTP boundary of ``requests``
 Only the socket is replaced: the hook's session, adapters, clients and transports all run, so
 unit tests see the same requests and answers a real server would. Each path answers from a
 queue of scripted answers; the last one repeats. An answer is ``(status, body)`` or
-``(status, body, headers)``, or an exception instance to raise as the network error.
+``(status, body, headers)``, an exception instance to raise as the network error, or a callable
+that makes the answer from the request's JSON body.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from collections import defaultdict, deque
@@ -17,6 +19,7 @@ from typing import Any
 
 import httpx
 import requests
+import urllib3
 import urllib3.exceptions
 from requests.structures import CaseInsensitiveDict
 
@@ -54,6 +57,11 @@ def record(status: str, run_id: str = "run-1", **extra: Any) -> dict[str, Any]:
     }
     data.update(extra)
     return data
+
+
+def record_of(status: str, **extra: Any) -> Any:
+    """An answer for any status check: the record of the run the request asked for."""
+    return lambda body: (200, record(status, run_id=body["workflowRunId"], **extra))
 
 
 def accepted(run_id: str = "run-1") -> dict[str, Any]:
@@ -96,6 +104,8 @@ class FakeAPI:
         answer = queue.popleft() if len(queue) > 1 else queue[0]
         if isinstance(answer, BaseException):
             raise answer
+        if callable(answer):  # an answer made from the request's body
+            answer = answer(self.calls[-1].body)
         status, payload, *rest = answer
         raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         return status, (rest[0] if rest else {}), raw
@@ -110,10 +120,13 @@ class FakeAPI:
             status, headers, raw = api.answer(
                 request.method or "", request.url or "", dict(request.headers), body
             )
+            all_headers = {"Content-Type": "application/json", **headers}
             response = requests.Response()
             response.status_code = status
-            response.headers = CaseInsensitiveDict({"Content-Type": "application/json", **headers})
-            response._content = raw
+            response.headers = CaseInsensitiveDict(all_headers)
+            response.raw = urllib3.HTTPResponse(
+                body=io.BytesIO(raw), headers=all_headers, status=status, preload_content=False
+            )
             response.url = request.url or ""
             response.request = request
             return response
@@ -123,7 +136,7 @@ class FakeAPI:
                 request.method, str(request.url), dict(request.headers), request.content
             )
             return httpx.Response(
-                status, headers={"Content-Type": "application/json", **headers}, content=raw
+                status, headers={"Content-Type": "application/json", **headers}, stream=httpx.ByteStream(raw)
             )
 
         mocker.patch("requests.adapters.HTTPAdapter.send", autospec=True, side_effect=send)

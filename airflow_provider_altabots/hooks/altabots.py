@@ -1,8 +1,10 @@
 """
 The AltaBots hook: sends API requests, synchronously from workers and asynchronously from triggers.
 
-The hook is transport only. What a request looks like and what an answer means lives in
-:mod:`airflow_provider_altabots.protocol`; when to retry and how long to wait lives in
+The hook is the Airflow side of talking to the API: it reads the connection and hands requests
+to a transport. What a request looks like and what an answer means lives in
+:mod:`airflow_provider_altabots.protocol`; how bytes travel, and how long they may take, in
+:mod:`airflow_provider_altabots.transport`; when to retry and how long to wait between checks in
 :mod:`airflow_provider_altabots.polling`. ``requests`` and ``httpx`` are imported only when a
 request is made, so importing this module costs a DAG parse next to nothing.
 """
@@ -11,32 +13,22 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import threading
 import time
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import AirflowNotFoundException, BaseHook
 
-from airflow_provider_altabots import protocol
-from airflow_provider_altabots.exceptions import AltaBotsConfigError, AltaBotsError, AltaBotsTransientError
+from airflow_provider_altabots import protocol, transport
+from airflow_provider_altabots.exceptions import AltaBotsConfigError, AltaBotsError
 
 if TYPE_CHECKING:
-    import ssl
     from collections.abc import AsyncIterator, Awaitable, Callable
 
     import httpx
-    import requests
 
-#: The most TCP connections one shared async client opens to the API, however many triggers use it.
-#: The vendor's plans allow a few requests a minute (GPTBots free) to 1,000 an hour (AltaBots
-#: professional), far below what 16 connections carry; and every idle pooled connection adds to
-#: the cost of each request in httpx's pool (it scans them all), so more would only cost CPU.
-ASYNC_MAX_CONNECTIONS = 16
 #: Seconds for which hooks in one process share one read of a connection (see ``aget_settings``).
 SETTINGS_TTL = 60.0
-#: Seconds allowed to open a connection (the rest of the request has the connection's ``timeout``).
-CONNECT_TIMEOUT = 10.0
 
 
 class AltaBotsHook(BaseHook):
@@ -45,8 +37,9 @@ class AltaBotsHook(BaseHook):
 
     The connection (type ``altabots``) holds the base URL in *host* (default
     ``https://altatech.ai``; GPTBots users give e.g. ``https://api-sg.gptbots.ai``), the workflow's
-    API key in *password*, and two optional extras: ``auth_scheme`` (``bearer``, the default, or
-    ``raw`` for hosts that take the bare key) and ``timeout`` (seconds per request, default 30).
+    API key in *password*, and optional extras: ``auth_scheme`` (``bearer``, the default, or
+    ``raw`` for hosts that take the bare key), ``timeout`` (seconds one request may take in all,
+    default 30) and ``max_answer_bytes`` (the largest answer read, default 8 MiB).
 
     Each method makes one request and raises a subclass of
     :class:`~airflow_provider_altabots.exceptions.AltaBotsError` when it fails; retries are the
@@ -64,8 +57,8 @@ class AltaBotsHook(BaseHook):
         super().__init__()
         self.altabots_conn_id = altabots_conn_id
         self._settings: protocol.ConnectionSettings | None = None
-        self._session: requests.Session | None = None
-        self._leased: _PooledClient | None = None
+        self._transport: transport.RequestsTransport | None = None
+        self._leased: transport.PooledClient | None = None
 
     # -- connection ------------------------------------------------------------------------
 
@@ -76,9 +69,12 @@ class AltaBotsHook(BaseHook):
                 conn = self.get_connection(self.altabots_conn_id)
             except AirflowNotFoundException:
                 raise _missing_connection(self.altabots_conn_id) from None
-            self._settings = protocol.ConnectionSettings.from_connection(
-                self.altabots_conn_id, conn.host, conn.port, conn.password, conn.extra_dejson
+            self._keep(
+                protocol.ConnectionSettings.from_connection(
+                    self.altabots_conn_id, conn.host, conn.port, conn.password, conn.extra_dejson
+                )
             )
+        assert self._settings is not None
         return self._settings
 
     async def aget_settings(self) -> protocol.ConnectionSettings:
@@ -90,8 +86,14 @@ class AltaBotsHook(BaseHook):
         trigger (each read holds the event loop and, in a triggerer, asks the API server).
         """
         if self._settings is None:
-            self._settings = await _SETTINGS.get(self.altabots_conn_id, self._read_settings)
+            self._keep(await _SETTINGS.get(self.altabots_conn_id, self._read_settings))
+        assert self._settings is not None
         return self._settings
+
+    def _keep(self, settings: protocol.ConnectionSettings) -> None:
+        self._settings = settings
+        if warning := settings.plain_http_warning:
+            self.log.warning(warning)
 
     async def _read_settings(self) -> protocol.ConnectionSettings:
         from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
@@ -124,15 +126,21 @@ class AltaBotsHook(BaseHook):
         :param webhooks: up to 5 ``{"method", "url", "headers"}`` the API calls when the run ends.
         :param is_async: ``True`` answers at once with the run id; ``False`` answers when the run
             ends, with its whole record.
-        :param timeout: seconds to wait for the answer (default: the connection's ``timeout``).
+        :param timeout: seconds the whole request may take (default: the connection's ``timeout``).
         :returns: the API's answer: ``workflowRunId`` and ``status`` at least.
         """
         request = protocol.invoke_request(input, user_id=user_id, webhooks=webhooks, is_async=is_async)
         return self.send(request, timeout=timeout)
 
-    def get_run_result(self, run_id: str) -> dict[str, Any]:
-        """Fetch a run's record: status, output, cost, tokens, times."""
-        return self.send(protocol.result_request(run_id))
+    def get_run_result(self, run_id: str, *, deadline: float | None = None) -> dict[str, Any]:
+        """
+        Fetch a run's record: status, output, cost, tokens, times.
+
+        :param deadline: Unix time by which the request must have ended, if sooner than the
+            connection's ``timeout`` allows.
+        """
+        request = protocol.result_request(run_id)
+        return protocol.read_record(request, self.send(request, deadline=deadline))
 
     def test_connection(self) -> tuple[bool, str]:
         """Check the key with ``GET /v1/api-key/verify``; used by the UI's *Test* button."""
@@ -143,44 +151,43 @@ class AltaBotsHook(BaseHook):
             return False, error.message
         return True, f"The API at {settings.base_url} accepted the API key."
 
-    def send(self, request: protocol.ApiRequest, *, timeout: float | None = None) -> dict[str, Any]:
-        """Send one request from a worker; return the answer's JSON object or raise."""
-        import requests
+    def send(
+        self, request: protocol.ApiRequest, *, timeout: float | None = None, deadline: float | None = None
+    ) -> dict[str, Any]:
+        """
+        Send one request from a worker; return the answer's JSON object or raise.
 
+        :param timeout: seconds the whole request may take (default: the connection's ``timeout``).
+        :param deadline: Unix time by which it must have ended, whichever comes first.
+        """
         settings = self.get_settings()
-        if self._session is None:
-            self._session = requests.Session()
-        try:
-            response = self._session.request(
-                request.method,
-                settings.url(request.path),
-                json=request.body,
-                headers=settings.headers,
-                timeout=(min(CONNECT_TIMEOUT, settings.timeout), timeout or settings.timeout),
-            )
-        except requests.RequestException as error:
-            raise _network_error(request, error, sent=_reached_server(error)) from error
-        return protocol.read_answer(request, response.status_code, response.headers, response.content)
+        seconds = _seconds_allowed(settings, request, timeout, deadline)
+        if self._transport is None:
+            self._transport = transport.RequestsTransport()
+        answer = self._transport.exchange(settings, request, seconds)
+        return protocol.read_answer(
+            request, answer.status, answer.headers, answer.body, secrets=(settings.api_key,)
+        )
 
     def close(self) -> None:
         """Close the hook's HTTP session."""
-        if self._session is not None:
-            self._session.close()
-            self._session = None
+        if self._transport is not None:
+            self._transport.close()
 
     # -- the API, asynchronously ---------------------------------------------------------------
 
-    async def aget_run_result(self, run_id: str) -> dict[str, Any]:
+    async def aget_run_result(self, run_id: str, *, deadline: float | None = None) -> dict[str, Any]:
         """:meth:`get_run_result` for async code (triggers); never blocks the event loop."""
-        return await self.asend(protocol.result_request(run_id))
+        request = protocol.result_request(run_id)
+        return protocol.read_record(request, await self.asend(request, deadline=deadline))
 
-    async def asend(self, request: protocol.ApiRequest) -> dict[str, Any]:
+    async def asend(self, request: protocol.ApiRequest, *, deadline: float | None = None) -> dict[str, Any]:
         """Send one request from async code through the shared client of this connection."""
         if self._leased is not None:
-            return await self._asend(self._leased, request)
+            return await self._asend(self._leased, request, deadline)
         async with self.shared_client():
             assert self._leased is not None
-            return await self._asend(self._leased, request)
+            return await self._asend(self._leased, request, deadline)
 
     @asynccontextmanager
     async def shared_client(self) -> AsyncIterator[httpx.AsyncClient]:
@@ -189,29 +196,26 @@ class AltaBotsHook(BaseHook):
 
         All hooks of one connection on one event loop share a single ``httpx.AsyncClient``, so a
         triggerer with hundreds of waiting runs keeps a bounded pool of connections
-        (:data:`ASYNC_MAX_CONNECTIONS`) instead of one per trigger. The client is closed when its
-        last user leaves.
+        (:data:`~airflow_provider_altabots.transport.ASYNC_GATE_WIDTH` in use at once) instead of
+        one per trigger. The client is closed when its last user leaves.
         """
         settings = await self.aget_settings()
-        async with _SHARED_CLIENTS.lease(settings) as pooled:
+        async with _SHARED_CLIENTS.lease(settings, _fingerprint(settings)) as pooled:
             self._leased = pooled
             try:
                 yield pooled.client
             finally:
                 self._leased = None
 
-    async def _asend(self, pooled: _PooledClient, request: protocol.ApiRequest) -> dict[str, Any]:
-        import httpx
-
+    async def _asend(
+        self, pooled: transport.PooledClient, request: protocol.ApiRequest, deadline: float | None
+    ) -> dict[str, Any]:
         settings = await self.aget_settings()
-        try:
-            async with pooled.gate:
-                response = await pooled.client.request(
-                    request.method, settings.url(request.path), json=request.body, headers=settings.headers
-                )
-        except httpx.HTTPError as error:
-            raise _network_error(request, error, sent=_reached_server_async(error)) from error
-        return protocol.read_answer(request, response.status_code, response.headers, response.content)
+        seconds = _seconds_allowed(settings, request, None, deadline)
+        answer = await transport.aexchange(pooled, settings, request, seconds)
+        return protocol.read_answer(
+            request, answer.status, answer.headers, answer.body, secrets=(settings.api_key,)
+        )
 
 
 class _SharedSettings:
@@ -249,77 +253,7 @@ class _SharedSettings:
 _SETTINGS = _SharedSettings()
 
 
-class _PooledClient(NamedTuple):
-    """A shared client and the gate that keeps its pool from queueing requests."""
-
-    client: httpx.AsyncClient
-    gate: asyncio.Semaphore
-
-
-class _SharedClients:
-    """
-    One ``httpx.AsyncClient`` per (event loop, connection settings), counted by its users.
-
-    Building a client loads the CA bundle into an SSL context, which holds the thread for tens of
-    milliseconds; that is done once per process, in a worker thread, so the event loop that
-    serves every other trigger never waits for it.
-
-    Requests pass a semaphore as wide as the pool before they reach it. httpx's pool scans every
-    queued request against every connection whenever one frees up, so a burst of hundreds of
-    checks (mapped tasks deferring together) queued inside it costs time quadratic in the burst,
-    all on the triggerer's event loop; waiting on a semaphore costs nothing per waiter.
-    """
-
-    def __init__(self) -> None:
-        self._clients: dict[tuple[int, str], tuple[_PooledClient, list[int]]] = {}
-        self._ssl_context: ssl.SSLContext | None = None
-        self._ssl_lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._clients)
-
-    def _build_ssl_context(self) -> ssl.SSLContext:
-        """Build the SSL context once, however many triggers start at the same moment."""
-        import httpx
-
-        with self._ssl_lock:
-            if self._ssl_context is None:
-                self._ssl_context = httpx.create_ssl_context()
-            return self._ssl_context
-
-    @asynccontextmanager
-    async def lease(self, settings: protocol.ConnectionSettings) -> AsyncIterator[_PooledClient]:
-        import httpx
-
-        ssl_context = self._ssl_context
-        if ssl_context is None:
-            ssl_context = await asyncio.to_thread(self._build_ssl_context)
-        key = (id(asyncio.get_running_loop()), _fingerprint(settings))
-        entry = self._clients.get(key)
-        if entry is None:
-            client = httpx.AsyncClient(
-                verify=ssl_context,
-                timeout=httpx.Timeout(settings.timeout, connect=min(CONNECT_TIMEOUT, settings.timeout)),
-                limits=httpx.Limits(
-                    max_connections=ASYNC_MAX_CONNECTIONS, max_keepalive_connections=ASYNC_MAX_CONNECTIONS
-                ),
-            )
-            entry = self._clients[key] = (
-                _PooledClient(client, asyncio.Semaphore(ASYNC_MAX_CONNECTIONS)),
-                [0],
-            )
-        pooled, users = entry
-        users[0] += 1
-        try:
-            yield pooled
-        finally:
-            users[0] -= 1
-            if users[0] == 0 and self._clients.get(key) is entry:
-                del self._clients[key]
-                await pooled.client.aclose()
-
-
-_SHARED_CLIENTS = _SharedClients()
+_SHARED_CLIENTS = transport.SharedClients()
 
 
 def _fingerprint(settings: protocol.ConnectionSettings) -> str:
@@ -335,38 +269,22 @@ def _missing_connection(conn_id: str) -> AltaBotsConfigError:
     )
 
 
-def _reached_server(error: Exception) -> bool:
-    """
-    Whether a failed ``requests`` call may have reached the API.
-
-    ``False`` only when it surely did not: the connection was refused or could not be opened in
-    time, the name did not resolve, or the TLS handshake failed. Then an invoke is safe to send
-    again. Anything later (a read timeout, a dropped connection) may have started a run.
-    """
-    import requests
-    import urllib3.exceptions
-
-    if isinstance(error, requests.ConnectTimeout | requests.exceptions.SSLError):
-        return False
-    if isinstance(error, requests.ConnectionError):
-        reason = getattr(error.args[0] if error.args else None, "reason", None)
-        refused = urllib3.exceptions.NewConnectionError | urllib3.exceptions.ConnectTimeoutError
-        return not isinstance(reason, refused)
-    return True
-
-
-def _reached_server_async(error: httpx.HTTPError) -> bool:
-    """:func:`_reached_server` for ``httpx``: only connect errors and pool waits are surely unsent."""
-    import httpx
-
-    return not isinstance(error, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
-
-
-def _network_error(request: protocol.ApiRequest, error: Exception, *, sent: bool) -> AltaBotsTransientError:
-    where = "before it reached the API" if not sent else "after it may have reached the API"
-    detail = " ".join(str(error).split())[:200] or type(error).__name__
-    return AltaBotsTransientError(
-        f"Could not {request.action}: network error {where} ({type(error).__name__}: {detail}).",
-        run_id=request.run_id,
-        sent=sent,
-    )
+def _seconds_allowed(
+    settings: protocol.ConnectionSettings,
+    request: protocol.ApiRequest,
+    timeout: float | None,
+    deadline: float | None,
+) -> float:
+    """The total time one request may take: its own timeout, cut short by a wait's deadline."""
+    seconds = timeout or settings.timeout
+    if deadline is not None:
+        left = deadline - time.time()
+        if left <= 0:
+            raise protocol.network_error(
+                request,
+                settings.url(request.path),
+                "the wait's deadline passed before it was sent",
+                sent=False,
+            )
+        seconds = min(seconds, left)
+    return seconds

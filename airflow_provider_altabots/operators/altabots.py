@@ -8,19 +8,14 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import BaseOperator, ResumableJobMixin, conf, mask_secret
 
-from airflow_provider_altabots import protocol
-from airflow_provider_altabots.exceptions import (
-    AltaBotsApiError,
-    AltaBotsError,
-    AltaBotsInvokeUncertain,
-    AltaBotsTransientError,
-)
+from airflow_provider_altabots import polling, protocol
+from airflow_provider_altabots.exceptions import AltaBotsApiError, AltaBotsError, AltaBotsInvokeUncertain
 from airflow_provider_altabots.hooks.altabots import AltaBotsHook
 from airflow_provider_altabots.polling import (
     DEFAULT_MAX_CONSECUTIVE_FAILURES,
     DEFAULT_MAX_POLL_INTERVAL,
     DEFAULT_POLL_INTERVAL,
-    DEFAULT_TIMEOUT,
+    DEFAULT_RUN_TIMEOUT,
     PollPolicy,
     RunWatch,
     call_with_retries,
@@ -51,8 +46,9 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
     True            any                   any         one invoke that answers when the run ends; holds
                                                       a worker slot for the whole run
     False           True                  False       invoke, then poll from the worker
-    False           True                  True        invoke on the worker, defer; the triggerer polls;
-                                                      the worker resumes to fetch the output
+    False           True                  True        invoke on the worker, check for a few seconds,
+                                                      defer; the triggerer polls; the worker resumes
+                                                      to fetch the output
     False           False                 any         invoke and return the run id (wait later with
                                                       ``AltaBotsWorkflowRunSensor``)
     ==============  ====================  ==========  ===============================================
@@ -71,8 +67,9 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
         rendered).
     :param user_id: tags who started the run (templated).
     :param webhooks: up to 5 callbacks the API calls when the run ends, each
-        ``{"method": "POST", "url": "https://...", "headers": {...}}`` (templated). Header values
-        are masked in logs and rendered fields; pass tokens through templates, e.g.
+        ``{"method": "POST", "url": "https://...", "headers": {...}}`` (templated). Rendered
+        fields show header values and each URL's path and query as ``***``, and the secrets
+        masker hides them in logs; pass tokens through templates, e.g.
         ``"{{ var.value.webhook_token }}"``, so they are not stored with the DAG.
     :param altabots_conn_id: the Airflow connection (type ``altabots``) holding the base URL and
         the workflow's API key.
@@ -80,13 +77,16 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
         slot is held for the whole run and a lost answer cannot be resumed.
     :param wait_for_termination: wait for the run to end. ``False`` returns the run id at once.
     :param deferrable: wait on the triggerer instead of the worker (default: the
-        ``[operators] default_deferrable`` setting).
+        ``[operators] default_deferrable`` setting). The worker first checks the run for about
+        5 seconds (:data:`~airflow_provider_altabots.polling.CHECK_ON_WORKER_SECONDS`), so a run
+        that ends that soon never defers.
     :param poll_interval: seconds before the first status check, and again before the second;
-        later waits grow 1.5 times.
+        later waits grow 1.5 times. At least 1 second.
     :param max_poll_interval: the longest wait between two status checks, in seconds.
-    :param timeout: seconds to wait for the run to end (``None``: no limit). When it passes, the
-        status is checked once more and the task fails naming the run and its last status; the
-        run itself goes on (the API cannot cancel it).
+    :param timeout: seconds to wait for the run to end (``None``: no limit; at most a year).
+        When it passes, the status is checked once more and the task fails naming the run and its
+        last status; the run itself goes on (the API cannot cancel it). With ``sync_invoke`` it
+        bounds the one synchronous call.
     :param max_consecutive_failures: status checks in a row that may fail (5xx, network errors)
         before the task fails as "status unknown". Rate-limited checks (429) do not count.
     :param durable: keep the run id in the task state store so a new try resumes the run
@@ -110,7 +110,7 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         max_poll_interval: float = DEFAULT_MAX_POLL_INTERVAL,
-        timeout: float | None = DEFAULT_TIMEOUT,
+        timeout: float | None = DEFAULT_RUN_TIMEOUT,
         max_consecutive_failures: int = DEFAULT_MAX_CONSECUTIVE_FAILURES,
         durable: bool | None = None,
         **kwargs: Any,
@@ -133,6 +133,7 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
         if timeout is not None:
             self.timeout = protocol.positive_seconds(timeout, "timeout")
         self.workflow_run_id: str | None = None
+        self._webhooks: Any = None  # the rendered webhooks; ``webhooks`` then shows them redacted
         self._invoke: protocol.ApiRequest | None = None
         self._record: dict[str, Any] | None = None
         self._published = False
@@ -156,18 +157,19 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
         seen_oids: set[int],
     ) -> None:
         # Both plain and mapped tasks render through here (a mapped task skips
-        # render_template_fields), before Airflow stores the rendered fields: mask the webhook
-        # header values as soon as they are known.
+        # render_template_fields), before Airflow stores the rendered fields: hide the webhooks'
+        # secrets as soon as they are known.
         super()._do_render_template_fields(parent, template_fields, context, jinja_env, seen_oids)
         if parent is self:
-            self._mask_webhook_headers()
+            self._hide_webhook_secrets()
 
     def execute(self, context: Context) -> Any:
-        self._mask_webhook_headers()
-        # Check everything the invoke needs before any request is sent.
+        self._hide_webhook_secrets()
+        # Check everything the invoke needs, the connection included, before any request is sent.
         self._invoke = protocol.invoke_request(
-            self.input, user_id=self.user_id, webhooks=self.webhooks, is_async=not self.sync_invoke
+            self.input, user_id=self.user_id, webhooks=self._webhooks, is_async=not self.sync_invoke
         )
+        self.hook.get_settings()
         if self.sync_invoke:
             return self._execute_sync_invoke(context)
         return self.execute_resumable(context)
@@ -200,7 +202,7 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
                 error.message,
             )
             return _UNREADABLE
-        return str(self._record.get("status"))
+        return protocol.short(self._record.get("status"))
 
     def is_job_active(self, status: str) -> bool:
         # An unknown status is never success, nor a reason to start (and pay for) a second run.
@@ -210,16 +212,23 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
         return protocol.status_kind(status) == "succeeded"
 
     def poll_until_complete(self, external_id: JsonValue, context: Context) -> Any:
-        """Wait for the run (on the worker, or by deferring); return what the task returns."""
+        """
+        Wait for the run on the worker; when deferrable, only for its first few seconds, then
+        defer for the rest. Return what the task returns.
+        """
         run_id = str(external_id)
         self.workflow_run_id = run_id
         if not self.wait_for_termination:
             return run_id
         deadline = deadline_after(self.timeout)
-        if self.deferrable:
-            self.defer_until_done(run_id, deadline)
         watch = RunWatch(run_id, self.policy, deadline=deadline, log=self.log)
-        record = wait_for_run(watch, lambda: self.hook.get_run_result(run_id))
+        record = wait_for_run(
+            watch,
+            lambda check_deadline: self.hook.get_run_result(run_id, deadline=check_deadline),
+            hand_over_after=polling.CHECK_ON_WORKER_SECONDS if self.deferrable else None,
+        )
+        if record is None:
+            self.defer_until_done(run_id, deadline, interval=watch.interval)
         return self._publish(context, record)
 
     def get_job_result(self, external_id: JsonValue, context: Context) -> Any:
@@ -238,7 +247,7 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
         if watch.observe(record) is None:
             return self._publish(context, record)
         self.log.info(
-            "The invoke answered before run %s ended (%s); waiting for it.", run_id, record.get("status")
+            "The invoke answered before run %s ended (%s); waiting for it.", run_id, watch.last_status
         )
         return self.poll_until_complete(run_id, context)
 
@@ -280,25 +289,21 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
         return run_id, answer
 
     def _send_invoke(self) -> dict[str, Any]:
-        """Send the invoke; retry only where it surely started no run (not sent, or HTTP 429)."""
+        """
+        Send the invoke; retry only where it surely started no run (never sent, or HTTP 429).
+
+        Whatever else goes wrong after the request may have been written arrives as
+        :class:`AltaBotsInvokeUncertain` (see :mod:`~airflow_provider_altabots.protocol`).
+        """
         request = self._invoke
         assert request is not None
-        timeout = self.timeout if self.sync_invoke else None
-        try:
-            return call_with_retries(
-                lambda: self.hook.send(request, timeout=timeout),
-                self.policy,
-                retry_if=lambda error: error.rate_limited or not error.sent,
-                log=self.log,
-            )
-        except AltaBotsTransientError as error:
-            if error.sent and not error.rate_limited:
-                raise AltaBotsInvokeUncertain(
-                    f"{error.message} The invoke may have started a run, and been billed, but no run id "
-                    "came back. The API has no idempotency key, so it is not sent again: look for the run "
-                    "in the vendor's console, then clear this task if you want a new run."
-                ) from error
-            raise
+        timeout = (self.timeout or protocol.MAX_SECONDS) if self.sync_invoke else None
+        return call_with_retries(
+            lambda: self.hook.send(request, timeout=timeout),
+            self.policy,
+            retry_if=lambda error: error.rate_limited or not error.sent,
+            log=self.log,
+        )
 
     def _started(self, context: Context, run_id: str, answer: Mapping[str, Any]) -> None:
         self.workflow_run_id = run_id
@@ -307,17 +312,23 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
             context["ti"].xcom_push(key=XCOM_RUN_ID_KEY, value=run_id)
 
     def _publish(self, context: Context, record: Mapping[str, Any]) -> Any:
-        self._output = self.publish_run(context, record)
+        assert self.workflow_run_id is not None
+        self._output = self.publish_run(context, self.workflow_run_id, record)
         self._published = True
         return self._output
 
-    def _mask_webhook_headers(self) -> None:
-        """Register every webhook header value with the secrets masker."""
-        if not isinstance(self.webhooks, list | tuple):
+    def _hide_webhook_secrets(self) -> None:
+        """
+        Keep the rendered webhooks for the invoke, and show only a redacted copy from then on.
+
+        Airflow stores the rendered fields as the task's attributes read; the copy hides every
+        header value and each URL's path and query, however short (Airflow's secrets masker
+        leaves strings under ``[logging] min_length_masked_secret`` alone). The secrets masker
+        also learns each of them, so they are hidden in log lines too.
+        """
+        if self._webhooks is not None or not self.webhooks:
             return
-        for hook in self.webhooks:
-            headers = hook.get("headers") if isinstance(hook, Mapping) else None
-            if isinstance(headers, Mapping):
-                for value in headers.values():
-                    if isinstance(value, str) and value:
-                        mask_secret(value)
+        self._webhooks = self.webhooks
+        for secret in protocol.webhook_secrets(self._webhooks):
+            mask_secret(secret)
+        self.webhooks = protocol.redacted_webhooks(self._webhooks)

@@ -39,8 +39,10 @@ class AltaBotsWorkflowRunSensor(RunWaiterMixin, BaseSensorOperator):
         ``"{{ ti.xcom_pull(task_ids='invoke') }}"``.
     :param altabots_conn_id: the connection (type ``altabots``) holding the run's workflow key.
     :param deferrable: wait on the triggerer instead of the worker (default: the
-        ``[operators] default_deferrable`` setting). The first wait is ``poke_interval``; later
-        waits grow 1.5 times up to ``max_poll_interval``.
+        ``[operators] default_deferrable`` setting). The first wait is ``poke_interval`` (at
+        least :data:`~airflow_provider_altabots.polling.DEFERRAL_MARGIN`); later waits grow 1.5
+        times up to ``max_poll_interval``.
+    :param poke_interval: seconds between checks (the first wait when deferred); at least 1.
     :param max_poll_interval: the longest wait between checks when deferred, in seconds.
     :param max_consecutive_failures: status checks in a row that may fail (5xx, network errors)
         before the task fails as "status unknown". In ``reschedule`` mode the count starts again
@@ -93,10 +95,12 @@ class AltaBotsWorkflowRunSensor(RunWaiterMixin, BaseSensorOperator):
             self._watch = RunWatch(run_id, self.policy, log=self.log)
         try:
             outcome: dict[str, Any] | AltaBotsTransientError = self.hook.get_run_result(run_id)
+            # Each poke is one request, bounded by the connection's timeout; the sensor's own
+            # ``timeout`` bounds the wait.
         except AltaBotsTransientError as error:
             outcome = error
         if self._watch.observe(outcome) is not None:
             self.log.info("Workflow run %s: status %s.", run_id, self._watch.last_status)
             return False
         assert self._watch.record is not None
-        return PokeReturnValue(is_done=True, xcom_value=self.publish_run(context, self._watch.record))
+        return PokeReturnValue(is_done=True, xcom_value=self.publish_run(context, run_id, self._watch.record))

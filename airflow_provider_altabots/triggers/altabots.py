@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from airflow_provider_altabots import polling
 from airflow_provider_altabots.exceptions import AltaBotsError, AltaBotsRunTimeout, AltaBotsTransientError
 from airflow_provider_altabots.hooks.altabots import AltaBotsHook
 from airflow_provider_altabots.polling import PollPolicy, RunWatch
@@ -29,6 +30,11 @@ class AltaBotsWorkflowRunTrigger(BaseTrigger):
     :class:`~airflow_provider_altabots.polling.PollPolicy`, and every trigger of one connection in
     the process shares one pooled HTTP client.
 
+    Its first check comes no sooner than :data:`~airflow_provider_altabots.polling.DEFERRAL_MARGIN`
+    after it starts, so it never fires inside Airflow's defer race; every check must end by the
+    deadline plus :data:`~airflow_provider_altabots.polling.DEADLINE_GRACE`, so the event comes
+    on time whatever the server does.
+
     The event is ``{"status", "run_id", "message"}`` (plus ``last_status`` on a timeout):
     ``status`` is ``"success"`` or the ``event_status`` of the error that ended the wait. The
     worker fetches the run's output itself when it resumes, so the event stays small.
@@ -37,6 +43,7 @@ class AltaBotsWorkflowRunTrigger(BaseTrigger):
     :param altabots_conn_id: the connection to poll through.
     :param deadline: absolute Unix time after which the wait ends with a final check; ``None``
         waits until the run ends. Absolute, so it survives a triggerer restart.
+    :param interval: the schedule's next wait, when the worker already made the first checks.
     :param policy: the fields of :class:`~airflow_provider_altabots.polling.PollPolicy`
         (``poll_interval``, ``max_poll_interval``, ``max_consecutive_failures``, ...): plain
         numbers, as the operator passes them.
@@ -48,12 +55,14 @@ class AltaBotsWorkflowRunTrigger(BaseTrigger):
         altabots_conn_id: str = AltaBotsHook.default_conn_name,
         *,
         deadline: float | None = None,
+        interval: float | None = None,
         **policy: Any,
     ) -> None:
         super().__init__()
         self.run_id = run_id
         self.altabots_conn_id = altabots_conn_id
         self.deadline = deadline
+        self.interval = interval
         self.policy = PollPolicy(**policy)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
@@ -63,21 +72,24 @@ class AltaBotsWorkflowRunTrigger(BaseTrigger):
                 "run_id": self.run_id,
                 "altabots_conn_id": self.altabots_conn_id,
                 "deadline": self.deadline,
+                "interval": self.interval,
                 **self.policy.as_kwargs(),
             },
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         hook = AltaBotsHook(self.altabots_conn_id)
-        watch = RunWatch(self.run_id, self.policy, deadline=self.deadline, log=self.log)
+        watch = RunWatch(
+            self.run_id, self.policy, deadline=self.deadline, interval=self.interval, log=self.log
+        )
         try:
             async with hook.shared_client():
-                delay: float | None = watch.first_delay()
+                delay: float | None = watch.first_delay(at_least=polling.DEFERRAL_MARGIN)
                 while delay is not None:
                     await asyncio.sleep(delay)
                     try:
                         outcome: dict[str, Any] | AltaBotsTransientError = await hook.aget_run_result(
-                            self.run_id
+                            self.run_id, deadline=watch.check_deadline
                         )
                     except AltaBotsTransientError as error:
                         outcome = error

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from airflow_provider_altabots import polling
 from tests.integration.conftest import API_KEY, ENDLESS_KEY, FAILING_KEY, airflow_home, use_key
 
 pytestmark = pytest.mark.integration
@@ -24,7 +25,11 @@ pytestmark = pytest.mark.integration
 WEBHOOK_TOKEN = "whk-token-51c0e7d9a3"
 
 
-def test_deferrable_mode(emulator, run_dag):
+def test_deferrable_mode(emulator, run_dag, monkeypatch):
+    # Long enough to outlast the worker's first checks (CHECK_ON_WORKER_SECONDS), so it defers.
+    emulator.set_workflow(API_KEY, run_seconds=7, pending_seconds=0.1)
+    # dag.test() runs the trigger in-process, where Airflow's defer race cannot happen.
+    monkeypatch.setattr(polling, "DEFERRAL_MARGIN", 1.0)
     result = run_dag("example_altabots_deferrable")
     assert result.run.state == "success"
     assert result.states[("report", -1)] == "success"
@@ -46,6 +51,17 @@ def test_deferrable_mode(emulator, run_dag):
     assert invoke["body"]["userId"] == "airflow-example_altabots_deferrable"
     assert emulator.queries()
     assert f"Workflow output: {output}" in result.printed
+
+
+def test_a_short_run_of_a_deferrable_task_ends_on_the_worker(emulator, run_dag):
+    """A run over within the worker's first checks never defers (issue 9's defer race)."""
+    emulator.set_workflow(API_KEY, run_seconds=1, pending_seconds=0.1)
+    result = run_dag("example_altabots_deferrable")
+    assert result.run.state == "success"
+    assert "Deferring" not in result.printed
+    assert "Pausing task as DEFERRED" not in result.printed
+    assert result.xcom("summarize_news", "workflow_run")["status"] == "SUCCEED"
+    assert len(emulator.invokes()) == 1
 
 
 def test_poll_mode(emulator, run_dag):
@@ -81,7 +97,7 @@ def test_mapped_over_twenty_inputs(emulator, run_dag):
     emulator.set_workflow(API_KEY, run_seconds=0.2, pending_seconds=0.05)
 
     def faster(dag):
-        dag.get_task("score_review").partial_kwargs["poll_interval"] = 0.2
+        dag.get_task("score_review").partial_kwargs["poll_interval"] = 1
 
     result = run_dag("example_altabots_mapped", faster)
     assert result.run.state == "success"
@@ -131,13 +147,13 @@ def test_timeout_names_the_run_and_its_last_status(emulator, run_dag, monkeypatc
 
 def test_retry_resumes_the_same_run_through_the_task_state_store(emulator, run_dag):
     """The first try loses the API (5xx) after its invoke; the retry resumes that run, paying once."""
-    emulator.set_workflow(API_KEY, run_seconds=2, pending_seconds=0.1)
+    emulator.set_workflow(API_KEY, run_seconds=6, pending_seconds=0.1)
     emulator.set_faults(server_errors={"count": 2, "status": 503, "paths": ["/v1/workflow/query/result"]})
 
     def fragile(dag):
         task = dag.get_task("classify_ticket")
         task.max_consecutive_failures = 2
-        task.poll_interval = 0.2
+        task.poll_interval = 1
         task.retries = 1
         task.retry_delay = timedelta(0)
 

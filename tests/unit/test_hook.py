@@ -7,10 +7,12 @@ import httpx
 import pytest
 import requests
 
+from airflow_provider_altabots import transport
 from airflow_provider_altabots.exceptions import (
     AltaBotsApiError,
     AltaBotsAuthError,
     AltaBotsConfigError,
+    AltaBotsInvokeUncertain,
     AltaBotsTransientError,
 )
 from airflow_provider_altabots.hooks import altabots as hook_module
@@ -75,11 +77,18 @@ def test_refused_connection_is_marked_unsent(api):
     assert "before it reached the API" in caught.value.message
 
 
-def test_read_timeout_is_marked_possibly_sent(api):
+def test_read_timeout_after_sending_makes_an_invoke_uncertain(api):
     api.on(INVOKE, requests.ReadTimeout("read timed out"))
-    with pytest.raises(AltaBotsTransientError) as caught:
+    with pytest.raises(AltaBotsInvokeUncertain, match="may have started a run"):
         AltaBotsHook().invoke_workflow({"a": 1})
+
+
+def test_read_timeout_of_a_status_check_is_transient_and_possibly_sent(api):
+    api.on(RESULT, requests.ReadTimeout("read timed out"))
+    with pytest.raises(AltaBotsTransientError) as caught:
+        AltaBotsHook().get_run_result("run-1")
     assert caught.value.sent is True
+    assert "read timed out" not in caught.value.message  # the library's own words never reach a message
 
 
 def test_errors_never_carry_the_key(api):
@@ -194,7 +203,7 @@ def test_different_connections_do_not_share_a_client(api, mocker, monkeypatch):
 
 
 def test_a_burst_of_checks_waits_outside_the_pool(api, mocker):
-    """However many triggers check at once, at most ASYNC_MAX_CONNECTIONS requests reach httpx's pool."""
+    """However many triggers check at once, at most ASYNC_GATE_WIDTH requests reach httpx's pool."""
     in_flight, most, sent = 0, 0, 0
 
     async def slow(transport, request):
@@ -204,12 +213,12 @@ def test_a_burst_of_checks_waits_outside_the_pool(api, mocker):
         most = max(most, in_flight)
         await asyncio.sleep(0.2)
         in_flight -= 1
-        return httpx.Response(200, json=record("RUNNING"))
+        return httpx.Response(200, stream=httpx.ByteStream(json.dumps(record("RUNNING")).encode()))
 
     mocker.patch("httpx.AsyncHTTPTransport.handle_async_request", new=slow)
 
     async def go():
-        hooks = [AltaBotsHook() for _ in range(5 * hook_module.ASYNC_MAX_CONNECTIONS)]
+        hooks = [AltaBotsHook() for _ in range(5 * transport.ASYNC_GATE_WIDTH)]
         for hook in hooks:  # read the connection first, so that every check is sent at once
             await hook.aget_settings()
 
@@ -220,8 +229,8 @@ def test_a_burst_of_checks_waits_outside_the_pool(api, mocker):
         await asyncio.gather(*(use(hook) for hook in hooks))
 
     asyncio.run(go())
-    assert sent == 5 * hook_module.ASYNC_MAX_CONNECTIONS
-    assert most == hook_module.ASYNC_MAX_CONNECTIONS
+    assert sent == 5 * transport.ASYNC_GATE_WIDTH
+    assert most == transport.ASYNC_GATE_WIDTH
 
 
 def test_hooks_starting_together_read_the_connection_once(api, mocker):

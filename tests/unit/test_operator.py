@@ -79,10 +79,12 @@ def test_polling_from_the_worker(api, context):
     assert context["ti"].xcom["workflow_run"]["status"] == "SUCCEED"
 
 
-def test_deferrable_invokes_then_defers_without_polling(api, context):
+def test_deferrable_checks_on_the_worker_first_then_defers(api, context):
+    """Checks at 2 and 4 s from the worker (CHECK_ON_WORKER_SECONDS = 5), then the trigger takes over."""
     api.on(INVOKE, (200, accepted("run-d")))
+    api.on(RESULT, (200, record("RUNNING", run_id="run-d")))
     op = operator(
-        deferrable=True, poll_interval=3, max_poll_interval=40, timeout=600, max_consecutive_failures=5
+        deferrable=True, poll_interval=2, max_poll_interval=40, timeout=600, max_consecutive_failures=5
     )
     before = time.time()
     with pytest.raises(TaskDeferred) as deferred:
@@ -92,14 +94,25 @@ def test_deferrable_invokes_then_defers_without_polling(api, context):
     assert deferred.value.method_name == "execute_complete"
     _, kwargs = trigger.serialize()
     assert kwargs["run_id"] == "run-d"
-    assert kwargs["poll_interval"] == 3
+    assert kwargs["poll_interval"] == 2
     assert kwargs["max_poll_interval"] == 40
     assert kwargs["max_consecutive_failures"] == 5
+    assert kwargs["interval"] == 4.5  # the schedule goes on: 2, 2, 3, then 4.5 on the triggerer
     assert before + 600 <= kwargs["deadline"] <= time.time() + 600
-    assert api.count(RESULT) == 0
+    assert api.count(RESULT) == 2
+    assert [sleep.args[0] for sleep in time.sleep.call_args_list] == [2, 2]
     # The run id is safe before the task gives up its slot.
     assert context["task_state_store"].data[STORE_KEY] == "run-d"
     assert context["ti"].xcom["workflow_run_id"] == "run-d"
+
+
+def test_a_run_that_ends_within_the_first_seconds_never_defers(api, context):
+    """Issue 9's defer race: a short run is finished on the worker, so no trigger can race the deferral."""
+    api.on(INVOKE, (200, accepted("run-s")))
+    api.on(RESULT, (200, record("RUNNING", run_id="run-s")), (200, record("SUCCEED", run_id="run-s")))
+    assert operator(deferrable=True).execute(context) == {"answer": "42"}
+    assert api.count(RESULT) == 2
+    assert context["ti"].xcom["workflow_run"]["status"] == "SUCCEED"
 
 
 def test_fire_and_forget_returns_the_run_id(api, context):

@@ -10,6 +10,7 @@ from airflow_provider_altabots.exceptions import (
     AltaBotsTransientError,
 )
 from airflow_provider_altabots.polling import (
+    MIN_POLL_INTERVAL,
     PollPolicy,
     RunWatch,
     call_with_retries,
@@ -48,7 +49,7 @@ def run(outcomes, policy=None, timeout=None, clock=None):
     clock = clock or Clock()
     script = iter(outcomes)
 
-    def check():
+    def check(check_deadline=None):
         outcome = next(script)
         if isinstance(outcome, Exception):
             raise outcome
@@ -72,7 +73,7 @@ def test_a_ten_minute_run_costs_few_checks():
     start = clock.now
     watch = RunWatch("r", PollPolicy(), clock=clock)
 
-    def check():
+    def check(check_deadline=None):
         return record("SUCCEED" if clock.now - start >= 600 else "RUNNING")
 
     wait_for_run(watch, check, sleep=clock.sleep)
@@ -124,7 +125,26 @@ def test_rate_limits_follow_retry_after_and_do_not_count_as_failures(mocker):
     outcomes = [rate_limited(30.0)] * 10 + [record("SUCCEED")]
     result, clock, _ = run(outcomes, PollPolicy(poll_interval=2, max_consecutive_failures=2))
     assert result["status"] == "SUCCEED"
-    assert clock.sleeps[1:] == [30.5] * 10  # 30 s asked + jitter (0.5 x min(poll_interval, 1 s))
+    # 30 s asked + jitter (0.5 x min(poll_interval, 1 s)); once the backoff of a row of 429s
+    # outgrows the hint (0.5 x 2 x 2^(n-1) s), the hint is no longer believed.
+    assert clock.sleeps[1:] == [30.5] * 5 + [32, 64, 128, 150, 150]
+
+
+def test_a_retry_after_of_zero_that_keeps_failing_backs_off_and_never_under_the_floor(mocker):
+    """``Retry-After: 0`` answered 429 again and again: the checks slow down, never below 1 s apart."""
+    mocker.patch("random.uniform", return_value=0.5)
+    outcomes = [rate_limited(0.0)] * 8 + [record("SUCCEED")]
+    _, clock, _ = run(outcomes, PollPolicy(poll_interval=1, backoff_cap=300))
+    waits_after_429 = clock.sleeps[1:]
+    assert min(waits_after_429) >= MIN_POLL_INTERVAL
+    assert waits_after_429 == [1, 1, 2, 4, 8, 16, 32, 64]
+    assert sum(waits_after_429) > 100  # about one request a second would have been 8 s
+
+
+@pytest.mark.parametrize("interval", [1e-9, 0.5, 0.999])
+def test_poll_interval_below_the_floor_is_refused(interval):
+    with pytest.raises(AltaBotsConfigError, match=r"at least 1\.0 s"):
+        PollPolicy(poll_interval=interval)
 
 
 def test_a_rate_limit_between_server_errors_ends_the_failure_streak(mocker):
@@ -182,7 +202,7 @@ def test_run_ending_at_the_final_check_still_succeeds():
         "r", PollPolicy(poll_interval=4, max_poll_interval=100), deadline=start + 30, clock=clock
     )
 
-    def check():
+    def check(check_deadline=None):
         return record("SUCCEED" if clock.now - start >= 30 else "RUNNING")
 
     assert wait_for_run(watch, check, sleep=clock.sleep)["status"] == "SUCCEED"

@@ -10,6 +10,7 @@ from airflow_provider_altabots.exceptions import (
     AltaBotsApiError,
     AltaBotsAuthError,
     AltaBotsConfigError,
+    AltaBotsInvokeUncertain,
     AltaBotsTransientError,
 )
 
@@ -183,6 +184,7 @@ def test_run_summary_drops_input_and_output():
 
 def test_failure_message_names_run_workflow_and_what_the_api_said():
     message = protocol.failure_message(
+        "run-7",
         {
             "workflowRunId": "run-7",
             "workflowName": "todayNews",
@@ -191,7 +193,7 @@ def test_failure_message_names_run_workflow_and_what_the_api_said():
             "status": "FAILED",
             "workflowExecutionTime": 1500,
             "output": {"error": "LLM node timed out"},
-        }
+        },
     )
     assert "run-7" in message
     assert "todayNews" in message
@@ -199,9 +201,21 @@ def test_failure_message_names_run_workflow_and_what_the_api_said():
     assert "1.5 s" in message
 
 
-def test_read_run_id_refuses_an_answer_without_one():
-    with pytest.raises(AltaBotsApiError, match="no workflowRunId"):
-        protocol.read_run_id(protocol.invoke_request({}), {"status": "PENDING"})
+@pytest.mark.parametrize(
+    "run_id", [None, "", "   ", 42, ["run-1"], "x" * (protocol.MAX_RUN_ID_LENGTH + 1), "run\n1", "rün-1"]
+)
+def test_an_invoke_answer_without_a_usable_run_id_is_uncertain(run_id):
+    """200 but no usable id: a run may exist, so the invoke is never sent again (issue 9, cases 2 and 15)."""
+    with pytest.raises(AltaBotsInvokeUncertain, match="workflowRunId is no run id") as caught:
+        protocol.read_run_id(protocol.invoke_request({}), {"status": "PENDING", "workflowRunId": run_id})
+    assert len(caught.value.message) < 1000  # a 5 MB id is described, never repeated
+
+
+def test_a_record_of_another_run_is_a_broken_answer():
+    request = protocol.result_request("run-1")
+    assert protocol.read_record(request, {"status": "RUNNING"}) == {"status": "RUNNING"}
+    with pytest.raises(AltaBotsTransientError, match="another workflow run"):
+        protocol.read_record(request, {"workflowRunId": "run-2", "status": "SUCCEED"})
 
 
 class TestConnectionSettings:

@@ -9,11 +9,19 @@ import time
 import httpx
 import pytest
 
+from airflow_provider_altabots import polling
 from airflow_provider_altabots.hooks import altabots as hook_module
 from airflow_provider_altabots.triggers.altabots import AltaBotsWorkflowRunTrigger
-from tests.fake_api import API_KEY, RESULT, record
+from tests.fake_api import API_KEY, RESULT, record, record_of
 
 FAST = {"poll_interval": 0.01, "max_poll_interval": 0.02}
+
+
+@pytest.fixture(autouse=True)
+def _fast_waits(monkeypatch):
+    """These tests are about what a trigger does, not how long it waits: lift the floor and margin."""
+    monkeypatch.setattr(polling, "MIN_POLL_INTERVAL", 0.001)
+    monkeypatch.setattr(polling, "DEFERRAL_MARGIN", 0.0)
 
 
 def first_event(trigger: AltaBotsWorkflowRunTrigger) -> dict:
@@ -34,7 +42,7 @@ def test_serialize_round_trip_holds_only_ids_and_numbers():
     )
     classpath, kwargs = trigger.serialize()
     assert classpath == "airflow_provider_altabots.triggers.altabots.AltaBotsWorkflowRunTrigger"
-    assert all(isinstance(value, str | int | float) for value in kwargs.values())
+    assert all(isinstance(value, str | int | float | None) for value in kwargs.values())
     assert kwargs["run_id"] == "run-3"
     assert kwargs["deadline"] == 1_760_000_123.5
     rebuilt = AltaBotsWorkflowRunTrigger(**kwargs)
@@ -120,7 +128,7 @@ def test_consecutive_failures_end_as_status_unknown(api):
 
 
 def test_many_triggers_share_one_client(api, mocker):
-    api.on(RESULT, (200, record("RUNNING")), (200, record("RUNNING")), (200, record("SUCCEED")))
+    api.on(RESULT, record_of("RUNNING"), record_of("RUNNING"), record_of("SUCCEED"))
     made = mocker.spy(httpx, "AsyncClient")
 
     async def go():
@@ -150,7 +158,7 @@ def test_cancelled_trigger_releases_the_client(api):
 
 def test_run_never_blocks_the_event_loop(api, caplog):
     """asyncio's debug mode logs every callback that holds the loop longer than the threshold."""
-    api.on(RESULT, (200, record("RUNNING")), (200, record("SUCCEED")))
+    api.on(RESULT, record_of("RUNNING"), record_of("SUCCEED"))
     first_event(AltaBotsWorkflowRunTrigger("warm-up", **FAST))  # first imports are not the trigger's doing
 
     async def go():
