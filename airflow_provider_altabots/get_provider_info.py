@@ -63,8 +63,15 @@ def get_provider_info() -> dict[str, Any]:
                     },
                     "timeout": {
                         "label": "Request timeout (seconds)",
-                        "description": "Seconds allowed for each API request.",
+                        "description": "Seconds one API request may take in all: connect, send and "
+                        "every read.",
                         "schema": {"type": ["number", "null"], "minimum": 1, "default": 30},
+                    },
+                    "max_answer_bytes": {
+                        "label": "Largest answer (bytes)",
+                        "description": "The largest answer read, after decompression; a run whose "
+                        "record is larger fails with a message naming this field.",
+                        "schema": {"type": ["integer", "null"], "minimum": 1, "default": 8388608},
                     },
                 },
                 "ui-field-behaviour": {

@@ -26,7 +26,7 @@ decisions:
   on time whatever the server does.
 * A deferrable wait first checks the run from the worker for :data:`CHECK_ON_WORKER_SECONDS`
   and defers only when it is still going; the trigger then checks no sooner than
-  :data:`DEFERRAL_MARGIN` after it starts. Both keep a short run clear of Airflow's defer race
+  :data:`DEFERRAL_MARGIN` after the deferral. Both keep a short run clear of Airflow's defer race
   (a trigger that fires within seconds of the deferral can get the task failed by the
   scheduler, apache/airflow issues 66374, 67287, 71580 and 72716).
 * A status this provider does not know is never taken for success: it warns and keeps waiting.
@@ -70,8 +70,8 @@ MIN_POLL_INTERVAL = 1.0
 #: that ends that soon never defers: no trigger can race the deferral, and the deferral's own
 #: cost (about 8 worker-seconds, most of it starting the task again; docs/e2e.md) is saved.
 CHECK_ON_WORKER_SECONDS = 5.0
-#: A trigger's first status check comes no sooner than this many seconds after it starts, so its
-#: event cannot reach the scheduler before the worker that deferred is known to have exited.
+#: A trigger's first status check comes no sooner than this many seconds after the deferral, so
+#: its event cannot reach the scheduler before the worker that deferred is known to have exited.
 #: Airflow 3.2 and 3.3 fail a task whose trigger fires within seconds of its deferral (the
 #: executor's late "success" for the deferring process meets the resumed task); the race
 #: windows reported in apache/airflow issues 66374, 71580 and 72716 span 3 to 7 seconds.

@@ -31,7 +31,6 @@ message quotes the API key, a redirect's target path, or the text of an HTTP lib
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import math
 import time
@@ -262,6 +261,8 @@ def _base_url(conn_id: str, host: str | None, port: int | None) -> str:
 
 
 def _is_loopback(hostname: str) -> bool:
+    import ipaddress  # only when a connection is read, never at DAG parse
+
     if hostname == "localhost":
         return True
     try:

@@ -5,11 +5,12 @@ checking the trigger's event, and publishing the finished run to XCom.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from airflow_provider_altabots import protocol
+from airflow_provider_altabots import polling, protocol
 from airflow_provider_altabots.exceptions import EVENT_ERRORS, AltaBotsError, error_from_event
 from airflow_provider_altabots.hooks.altabots import AltaBotsHook
 from airflow_provider_altabots.polling import PollPolicy, RunWatch, call_with_retries
@@ -54,6 +55,9 @@ class RunWaiterMixin:
         """
         Free the worker slot: hand the wait to the triggerer, resume in :meth:`execute_complete`.
 
+        The trigger's first check comes :data:`~airflow_provider_altabots.polling.DEFERRAL_MARGIN`
+        after this deferral at the earliest, whenever the triggerer starts it.
+
         :param interval: the schedule's next wait, when the worker already made the first checks.
         """
         from airflow_provider_altabots.triggers.altabots import AltaBotsWorkflowRunTrigger
@@ -61,7 +65,12 @@ class RunWaiterMixin:
         self.log.info("Deferring: the triggerer waits for workflow run %s.", run_id)
         self.defer(
             trigger=AltaBotsWorkflowRunTrigger(
-                run_id, self.altabots_conn_id, deadline=deadline, interval=interval, **self.policy.as_kwargs()
+                run_id,
+                self.altabots_conn_id,
+                deadline=deadline,
+                interval=interval,
+                not_before=time.time() + polling.DEFERRAL_MARGIN,
+                **self.policy.as_kwargs(),
             ),
             method_name="execute_complete",
         )

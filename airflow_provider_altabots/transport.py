@@ -301,16 +301,8 @@ def _tracking_adapter() -> type[requests.adapters.HTTPAdapter]:
             track(self, writing=True)
             super().request(*args, **kwargs)
 
-    class TrackedHTTPSConnection(HTTPSConnection):
-        def connect(self) -> None:
-            track(self, writing=False)
-            super().connect()
-
-        def request(self, *args: Any, **kwargs: Any) -> None:
-            if self.sock is None:
-                self.connect()
-            track(self, writing=True)
-            super().request(*args, **kwargs)
+    class TrackedHTTPSConnection(TrackedHTTPConnection, HTTPSConnection):
+        """The same tracking, in front of HTTPSConnection's TLS (next in the method order)."""
 
     class TrackedHTTPPool(HTTPConnectionPool):
         ConnectionCls = TrackedHTTPConnection
@@ -421,7 +413,8 @@ async def aexchange(
         raise protocol.network_error(
             request, url, f"no whole answer within {_seconds(seconds)}", sent=progress.may_have_sent
         ) from None
-    except (httpx.HTTPError, httpx.InvalidURL, UnicodeError) as error:
+    except (httpx.HTTPError, httpx.InvalidURL, UnicodeError, OSError) as error:
+        # OSError: httpx's async backend lets an ssl.SSLError from a broken TLS stream through.
         raise _httpx_failure(request, url, error, progress) from None
 
 
@@ -453,6 +446,7 @@ class SharedClients:
         self._clients: dict[tuple[int, str, str | None], tuple[PooledClient, list[int]]] = {}
         self._ssl_contexts: dict[str | None, ssl.SSLContext] = {}
         self._ssl_lock = threading.Lock()
+        self._building: dict[tuple[int, str | None], asyncio.Future[ssl.SSLContext]] = {}
 
     def __len__(self) -> int:
         return len(self._clients)
@@ -476,6 +470,18 @@ class SharedClients:
                 self._ssl_contexts[bundle] = context
             return self._ssl_contexts[bundle]
 
+    async def _built_ssl_context(self, bundle: str | None) -> ssl.SSLContext:
+        """The SSL context built in a worker thread; triggers starting together wait for one build."""
+        key = (id(asyncio.get_running_loop()), bundle)
+        building = self._building.get(key)
+        if building is None:
+            building = self._building[key] = asyncio.ensure_future(
+                asyncio.to_thread(self._ssl_context, bundle)
+            )
+            building.add_done_callback(lambda _: self._building.pop(key, None))
+        # Shielded: a trigger cancelled while waiting must not cancel the build others wait for.
+        return await asyncio.shield(building)
+
     @asynccontextmanager
     async def lease(
         self, settings: protocol.ConnectionSettings, fingerprint: str
@@ -483,9 +489,7 @@ class SharedClients:
         import httpx
 
         bundle = trusted_ca_bundle()
-        context = self._ssl_contexts.get(bundle)
-        if context is None:
-            context = await asyncio.to_thread(self._ssl_context, bundle)
+        context = self._ssl_contexts.get(bundle) or await self._built_ssl_context(bundle)
         key = (id(asyncio.get_running_loop()), fingerprint, bundle)
         entry = self._clients.get(key)
         if entry is None:

@@ -5,8 +5,10 @@ waiting costs in API requests, for runs of 2, 10, 30 and 120 s.
 Three waiting policies, each driving this provider's own trigger through Airflow's trigger runner
 (``bench/runner.py``), so only the schedule differs:
 
-* ``adaptive``: the provider's default (checks 2 and 4 s after the invoke, then each wait 1.5
-  times the last, at most 60 s);
+* ``adaptive``: the provider's default, as a deferrable task waits: checks 2 and 4 s after the
+  invoke from the worker (``polling.CHECK_ON_WORKER_SECONDS``), where a run that ended is done
+  with; otherwise the trigger goes on, its first check no sooner than
+  ``polling.DEFERRAL_MARGIN`` after the deferral, then each wait 1.5 times the last, at most 60 s;
 * ``fixed 60 s``: one check a minute (dbt Cloud's default ``check_interval``);
 * ``fixed 5 s``: one check every five seconds.
 
@@ -30,6 +32,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +57,25 @@ def conn_id(index: int) -> str:
     return f"altabots_latency_{index}"
 
 
+def _ended_on_worker() -> type:
+    from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+    class EndedOnWorker(BaseTrigger):
+        """A run the worker saw end before deferring: no trigger waits, the task is done now."""
+
+        def __init__(self, run_id: str) -> None:
+            super().__init__()
+            self.run_id = run_id
+
+        def serialize(self) -> tuple[str, dict[str, Any]]:
+            return f"{__name__}.EndedOnWorker", {"run_id": self.run_id}
+
+        async def run(self) -> Any:
+            yield TriggerEvent({"status": "success", "run_id": self.run_id})
+
+    return EndedOnWorker
+
+
 def goal(length: float) -> float:
     """The issue's goal for the delay: at most max(1 s, 10% of the run's length)."""
     return max(1.0, 0.1 * length)
@@ -63,16 +85,42 @@ async def _measure(
     emulator: Any, runs: list[tuple[float, float]], policies: list[str]
 ) -> list[dict[str, Any]]:
     """Wait for every (nominal length, actual length) run under every policy; one row per pair."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from airflow_provider_altabots import polling
     from airflow_provider_altabots.hooks.altabots import AltaBotsHook
     from airflow_provider_altabots.triggers.altabots import AltaBotsWorkflowRunTrigger
 
+    ended_on_worker = _ended_on_worker()
+    plan = [(index, policy) for index in range(len(runs)) for policy in policies]
+    # Every run's worker part blocks a thread of its own, as each task holds a worker slot.
+    workers = ThreadPoolExecutor(max_workers=len(plan))
+
     async def invoke_then_wait(index: int, policy: str) -> Any:
         # As the operator does: invoke, then wait; the first check's clock starts at the invoke.
-        answer = await asyncio.to_thread(AltaBotsHook(conn_id(index)).invoke_workflow, {"run": index})
+        loop, hook = asyncio.get_running_loop(), AltaBotsHook(conn_id(index))
+        answer = await loop.run_in_executor(workers, hook.invoke_workflow, {"run": index})
         run_ids[(index, policy)] = run_id = str(answer["workflowRunId"])
-        return AltaBotsWorkflowRunTrigger(run_id, conn_id(index), **POLICIES[policy])
+        if policy != "adaptive":
+            return AltaBotsWorkflowRunTrigger(run_id, conn_id(index), **POLICIES[policy])
+        watch = polling.RunWatch(run_id, polling.PollPolicy())
+        record = await loop.run_in_executor(
+            workers,
+            lambda: polling.wait_for_run(
+                watch,
+                lambda deadline: hook.get_run_result(run_id, deadline=deadline),
+                hand_over_after=polling.CHECK_ON_WORKER_SECONDS,
+            ),
+        )
+        if record is not None:
+            return ended_on_worker(run_id)
+        return AltaBotsWorkflowRunTrigger(
+            run_id,
+            conn_id(index),
+            interval=watch.interval,
+            not_before=time.time() + polling.DEFERRAL_MARGIN,
+        )
 
-    plan = [(index, policy) for index in range(len(runs)) for policy in policies]
     run_ids: dict[tuple[int, str], str] = {}
     events = await run_triggers([invoke_then_wait(index, policy) for index, policy in plan])
     ends = {run["run_id"]: run["ends_at"] for run in emulator.runs()}

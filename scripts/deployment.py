@@ -102,8 +102,10 @@ AIRFLOW_SETTINGS: Final[dict[str, dict[str, str]]] = {
         # for every second. Workers heartbeat every 2 s ([workers] min_heartbeat_interval).
         "task_instance_heartbeat_timeout": "10",
         "task_instance_heartbeat_timeout_detection_interval": "1",
-        # A killed scheduler: its successor adopts or resets its tasks once it is 10 s silent.
-        "scheduler_health_check_threshold": "10",
+        # Airflow's default. No scenario kills the scheduler, and a scheduler starved of CPU for
+        # more than this (seen: 11-17 s beside a CPU-burning neighbour) marks itself failed and
+        # resets its own running tasks, failing tasks that did nothing wrong.
+        "scheduler_health_check_threshold": "30",
         "orphaned_tasks_check_interval": "10",
         # A worker killed after it took a task but before the task started leaves it queued:
         # requeued after 60 s (default 600 s, looked for every 120 s). The LocalExecutor has a

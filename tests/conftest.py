@@ -42,9 +42,11 @@ import pytest  # noqa: E402 - after the environment above is set
 
 @pytest.fixture(autouse=True)
 def _fresh_connection_reads():
-    """Each test reads its own connections: forget what the hooks shared in earlier tests."""
+    """Each test reads its own connections and CA bundle: forget what hooks shared in earlier tests."""
     from airflow_provider_altabots.hooks import altabots
 
     altabots._SETTINGS.clear()
+    altabots._SHARED_CLIENTS.forget_tls()
     yield
     altabots._SETTINGS.clear()
+    altabots._SHARED_CLIENTS.forget_tls()

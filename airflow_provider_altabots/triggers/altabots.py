@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING, Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_provider_altabots import polling
 from airflow_provider_altabots.exceptions import AltaBotsError, AltaBotsRunTimeout, AltaBotsTransientError
 from airflow_provider_altabots.hooks.altabots import AltaBotsHook
 from airflow_provider_altabots.polling import PollPolicy, RunWatch
@@ -30,8 +30,9 @@ class AltaBotsWorkflowRunTrigger(BaseTrigger):
     :class:`~airflow_provider_altabots.polling.PollPolicy`, and every trigger of one connection in
     the process shares one pooled HTTP client.
 
-    Its first check comes no sooner than :data:`~airflow_provider_altabots.polling.DEFERRAL_MARGIN`
-    after it starts, so it never fires inside Airflow's defer race; every check must end by the
+    Its first check comes no sooner than ``not_before`` (the operator and the sensor pass the
+    deferral's time plus :data:`~airflow_provider_altabots.polling.DEFERRAL_MARGIN`), so it never
+    fires inside Airflow's defer race; every check must end by the
     deadline plus :data:`~airflow_provider_altabots.polling.DEADLINE_GRACE`, so the event comes
     on time whatever the server does.
 
@@ -44,6 +45,8 @@ class AltaBotsWorkflowRunTrigger(BaseTrigger):
     :param deadline: absolute Unix time after which the wait ends with a final check; ``None``
         waits until the run ends. Absolute, so it survives a triggerer restart.
     :param interval: the schedule's next wait, when the worker already made the first checks.
+    :param not_before: absolute Unix time before which the run is not checked; ``None``: the
+        first check comes ``interval`` (or ``poll_interval``) after the trigger starts.
     :param policy: the fields of :class:`~airflow_provider_altabots.polling.PollPolicy`
         (``poll_interval``, ``max_poll_interval``, ``max_consecutive_failures``, ...): plain
         numbers, as the operator passes them.
@@ -56,6 +59,7 @@ class AltaBotsWorkflowRunTrigger(BaseTrigger):
         *,
         deadline: float | None = None,
         interval: float | None = None,
+        not_before: float | None = None,
         **policy: Any,
     ) -> None:
         super().__init__()
@@ -63,6 +67,7 @@ class AltaBotsWorkflowRunTrigger(BaseTrigger):
         self.altabots_conn_id = altabots_conn_id
         self.deadline = deadline
         self.interval = interval
+        self.not_before = not_before
         self.policy = PollPolicy(**policy)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
@@ -73,6 +78,7 @@ class AltaBotsWorkflowRunTrigger(BaseTrigger):
                 "altabots_conn_id": self.altabots_conn_id,
                 "deadline": self.deadline,
                 "interval": self.interval,
+                "not_before": self.not_before,
                 **self.policy.as_kwargs(),
             },
         )
@@ -84,7 +90,8 @@ class AltaBotsWorkflowRunTrigger(BaseTrigger):
         )
         try:
             async with hook.shared_client():
-                delay: float | None = watch.first_delay(at_least=polling.DEFERRAL_MARGIN)
+                wait = 0.0 if self.not_before is None else self.not_before - time.time()
+                delay: float | None = watch.first_delay(at_least=wait)
                 while delay is not None:
                     await asyncio.sleep(delay)
                     try:

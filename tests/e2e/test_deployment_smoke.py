@@ -98,7 +98,8 @@ def xcom_value(deployment: Deployment, run_id: str, key: str) -> Any:
 
 def test_deferred_run_succeeds_through_every_component(deployment: Deployment) -> None:
     deployment.emulator_reset()
-    deployment.set_workflow(API_KEY, output=OUTPUT, run_seconds=2)
+    # Longer than the worker's first checks (polling.CHECK_ON_WORKER_SECONDS), so the task defers.
+    deployment.set_workflow(API_KEY, output=OUTPUT, run_seconds=8)
 
     run_id = deployment.trigger_dag(DAG_ID)
     assert deployment.wait_for_dag_run(DAG_ID, run_id, timeout=120) == "success"

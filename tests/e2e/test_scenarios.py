@@ -8,19 +8,23 @@ states, XCom, trigger rows, logs) and on the emulator's request log.
 
 The long scenarios start together (fan-out, rate-limit storm, failed and endless runs, the
 sync/deferred comparison) so the suite fits its time budget; the ones that kill a triggerer
-run after them. Figures for the README are printed at the end and written to
-``<deployment root>/figures.json``.
+run after them, and the one that burns every core runs last and alone. Figures for the README
+are printed at the end and written to ``<deployment root>/figures.json``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -45,6 +49,7 @@ KEYS = {
     "altabots_crash_invoke": "sk-e2e-crash-invoke-d81a",
     "altabots_failing": "sk-e2e-failing-61c7",
     "altabots_endless": "sk-e2e-endless-a5e3",
+    "altabots_defer_race": "sk-e2e-defer-race-6b08",
 }
 WEBHOOK_CODE = "whk-e2e-code-4d7f92c1"
 WORKFLOWS: dict[str, dict[str, Any]] = {
@@ -58,6 +63,7 @@ WORKFLOWS: dict[str, dict[str, Any]] = {
     "altabots_crash_invoke": {"run_seconds": 10, "pending_seconds": 0.5},
     "altabots_failing": {"run_seconds": 3, "pending_seconds": 0.5, "outcome": "fail"},
     "altabots_endless": {"outcome": "never", "pending_seconds": 0.5},
+    "altabots_defer_race": {"run_seconds": [0.5, 5], "pending_seconds": 0.2},
 }
 FIRST_WAVE = ("e2e_deferred", "e2e_sync", "e2e_failed_run", "e2e_endless_run")
 FIRST_WAVE_POSTGRES = ("e2e_fanout", "e2e_storm")
@@ -322,7 +328,9 @@ def test_6_rate_limit_storm_and_5xx_bursts_are_ridden_out(postgres: Any, first_w
         polls[request["body"]["workflowRunId"]].append(request)
     statuses = [r["status"] for rs in polls.values() for r in rs]
     assert statuses.count(429) >= 5, "the storm did not happen"
-    assert statuses.count(503) >= 5, "no 5xx burst happened"
+    # The outages cover a fifth of the time; how many checks land in one is chance (6 to 10
+    # seen): two are enough to test the backoff after a 5xx below.
+    assert statuses.count(503) >= 2, "no 5xx burst happened"
     poll_interval = 2.0
     for requests in polls.values():
         failures = 0
@@ -533,6 +541,118 @@ def test_4_second_triggerer_takes_over(postgres: Any, first_wave: dict[str, str]
     assert d.wait_for_dag_run("e2e_triggerer_takeover", run_id, timeout=300) == "success"
     assert {state for _, _, state, _ in ti_rows(d, "e2e_triggerer_takeover", run_id)} == {"success"}
     assert len(invokes(d, "altabots_takeover")) == 20
+
+
+# -- 10. runs that end moments after their task deferred, on a busy machine ---------------------------
+
+DEFER_RACE_TASKS = 100
+# Airflow's own line in a task's log each time the task defers; it does not depend on the provider.
+DEFERRED_LINE = "Pausing task as DEFERRED"
+STATE_MISMATCH = re.compile(r"finished with state (\w+), but the task instance's state attribute is (\w+)")
+# A scheduler whose own heartbeat stalls past [scheduler] scheduler_health_check_threshold marks
+# itself failed and resets the tasks it queued: a starved machine, not issue 9. Told apart here.
+# Airflow logs the stall only when it passed that threshold.
+HEARTBEAT_STALL = re.compile(r"Heartbeat recovered after ([\d.]+) seconds")
+ORPHANS_RESET = re.compile(r"Reset the following (\d+) orphaned TaskInstances")
+
+
+@contextlib.contextmanager
+def cpu_burners(count: int) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """A neighbour keeping every core busy: ``count`` processes each running a tight loop."""
+    # Each loop also ends by itself once this process is gone, should the finally below not run.
+    code = f"import os\nwhile os.getppid() == {os.getpid()}:\n    for _ in range(1_000_000): pass"
+    burners: list[subprocess.Popen[bytes]] = []
+    try:
+        for _ in range(count):
+            burners.append(subprocess.Popen([sys.executable, "-c", code]))
+        yield burners
+    finally:
+        for burner in burners:
+            burner.kill()
+        for burner in burners:
+            burner.wait(timeout=30)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a live process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_10_runs_ending_right_after_the_deferral_succeed_on_a_busy_machine(postgres: Any) -> None:
+    """
+    Issue 9: Airflow 3.2/3.3 fail a deferred task whose trigger fires within seconds of the
+    deferral, when the executor's "success" for the worker process that deferred reaches the
+    scheduler after the task was queued again to resume ("finished with state success, but the
+    task instance's state attribute is queued"). A busy machine widens that window. 100 runs of
+    0.7-5.2 s, the provider's default waiting policy, no retries: every task must succeed at its
+    first try, with one invoke each.
+
+    It runs alone: the burner would slow the other scenarios' workers and triggerers past the
+    heartbeat thresholds this deployment sets (triggerers 5 s, tasks 10 s), and skew their figures.
+    """
+    d, dag_id = postgres, "e2e_defer_race"
+    wait_until(
+        "every other scenario's DAG run to end before the cores are burned",
+        lambda: not d.sql("SELECT dag_id FROM dag_run WHERE state IN ('queued', 'running')"),
+        900,
+        every=1,
+        context=lambda: str(d.sql("SELECT dag_id, state FROM dag_run WHERE state IN ('queued', 'running')")),
+    )
+    cores = os.cpu_count() or 1
+    scheduler_log = d.logs_dir / "scheduler.log"
+    log_offset = scheduler_log.stat().st_size
+    with cpu_burners(cores) as burners:
+        began = time.monotonic()
+        run_id = d.trigger_dag(dag_id)
+        state = d.wait_for_dag_run(dag_id, run_id, timeout=900)
+        wall = time.monotonic() - began
+        burned = sum(cpu_seconds(burner.pid) for burner in burners)
+    rows = ti_rows(d, dag_id, run_id)
+    logs = d.task_logs(dag_id, run_id, "run")
+    # Tasks that deferred at least once, in any attempt (trigger logs are files of their own).
+    deferred = len({path.split("/")[0] for path, text in logs.items() if DEFERRED_LINE in text})
+    with scheduler_log.open("rb") as handle:
+        handle.seek(log_offset)
+        said = handle.read().decode(errors="replace")  # by the scheduler during this run only
+    mismatches = [line for line in said.splitlines() if dag_id in line and STATE_MISMATCH.search(line)]
+    failed = sum(1 for _, _, ti_state, _ in rows if ti_state != "success")
+    figures = FIGURES["defer_race"] = {
+        "tasks": len(rows),
+        "failed": failed,
+        "retried": sum(1 for *_, try_number in rows if try_number != 1),
+        "deferred": deferred,
+        "finished_on_worker": len(rows) - deferred,
+        "wall_s": round(wall, 1),
+        "cores_burned": cores,
+        "burner_cpu_s": round(burned, 1),
+        "load_average_1m": round(os.getloadavg()[0], 1),
+        "scheduler_state_mismatches": dict(
+            Counter(" while ".join(STATE_MISMATCH.findall(line)[0]) for line in mismatches)
+        ),
+        "scheduler_heartbeat_stall_s": max(map(float, HEARTBEAT_STALL.findall(said)), default=0.0),
+        "scheduler_reset_orphans": sum(map(int, ORPHANS_RESET.findall(said))),
+    }
+    print(f"\ndefer race: {json.dumps(figures)}")
+    evidence = "\n".join(line[:400] for line in mismatches[:5]) or "(no state mismatch)"
+    if figures["scheduler_reset_orphans"]:
+        evidence += (
+            f"\nthe scheduler's heartbeat stalled {figures['scheduler_heartbeat_stall_s']} s and it reset"
+            f" {figures['scheduler_reset_orphans']} of its own tasks: the machine was starved (not issue 9)"
+        )
+    summary = (
+        f"of {len(rows)} tasks {failed} failed and {figures['retried']} ran more than once;"
+        f" the scheduler said:\n{evidence}"
+    )
+    assert state == "success", summary
+    assert len(rows) == DEFER_RACE_TASKS
+    assert {(ti_state, try_number) for _, _, ti_state, try_number in rows} == {("success", 1)}, summary
+    assert mismatches == [], summary
+    assert figures["scheduler_reset_orphans"] == 0, summary
+    started = invokes(d, "altabots_defer_race")
+    assert len(started) == DEFER_RACE_TASKS  # one invoke each: no task started a second run
+    assert {r["status"] for r in started} == {200}
+    assert len({r["body"]["input"]["n"] for r in started}) == DEFER_RACE_TASKS
 
 
 # -- 9. no secret anywhere ----------------------------------------------------------------------------

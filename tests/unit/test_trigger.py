@@ -179,3 +179,16 @@ def test_run_never_blocks_the_event_loop(api, caplog):
     assert all(e.payload["status"] == "success" for e in events)
     slow = [r.getMessage() for r in caplog.records if r.name == "asyncio" and "took" in r.getMessage()]
     assert slow == []
+
+
+def test_first_check_waits_until_not_before_then_follows_the_schedule(api):
+    """The deferral margin is measured from the deferral: a trigger started late does not add it again."""
+    api.on(RESULT, (200, record("SUCCEED")))
+    began = time.monotonic()
+    event = first_event(AltaBotsWorkflowRunTrigger("run-1", not_before=time.time() + 0.5, **FAST))
+    assert event["status"] == "success"
+    (check,) = api.calls
+    assert check.at - began >= 0.45
+    late = time.time()
+    first_event(AltaBotsWorkflowRunTrigger("run-1", not_before=late - 60, **FAST))
+    assert time.time() - late < 5  # a not_before long past costs nothing

@@ -56,17 +56,25 @@ mapped("e2e_triggerer_restart", "altabots_restart", 20)
 mapped("e2e_triggerer_takeover", "altabots_takeover", 20)
 mapped("e2e_storm", "altabots_storm", 10)
 
+with DAG("e2e_defer_race", max_active_tasks=100, **COMMON):
+    # Runs of a few seconds with the provider's default waiting policy (no poll_interval given):
+    # where a trigger could fire moments after its task deferred (issue 9).
+    AltaBotsRunWorkflowOperator.partial(
+        task_id="run", altabots_conn_id="altabots_defer_race", deferrable=True, retries=0
+    ).expand(input=[{"n": n} for n in range(100)])
+
 
 class CheckBeforeDeferOperator(AltaBotsRunWorkflowOperator):
     """
-    For the worker-crash scenario only: checks the run once after its id is stored and before
-    deferring. The operator itself sends nothing in that window, which lasts milliseconds; this
-    check gives the emulator a request to hold open while the test kills the worker there.
+    For the worker-crash scenario only: checks the run once more just before deferring, so that
+    between the stored run id and the deferral there is surely a request for the emulator to hold
+    open while the test kills the worker there. (The operator also checks from the worker for its
+    first few seconds; the emulator holds whichever check comes first.)
     """
 
-    def defer_until_done(self, run_id: str, deadline: float | None) -> NoReturn:
+    def defer_until_done(self, run_id: str, deadline: float | None, **kwargs: Any) -> NoReturn:
         self.hook.get_run_result(run_id)
-        super().defer_until_done(run_id, deadline)
+        super().defer_until_done(run_id, deadline, **kwargs)
 
 
 with DAG("e2e_worker_crash", **COMMON):
