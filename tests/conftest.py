@@ -47,6 +47,7 @@ def _fresh_connection_reads():
 
     altabots._SETTINGS.clear()
     altabots._SHARED_CLIENTS.forget_tls()
+    altabots._WARNED.clear()
     yield
     altabots._SETTINGS.clear()
     altabots._SHARED_CLIENTS.forget_tls()

@@ -92,7 +92,9 @@ class AltaBotsHook(BaseHook):
 
     def _keep(self, settings: protocol.ConnectionSettings) -> None:
         self._settings = settings
-        if warning := settings.plain_http_warning:
+        warning = settings.plain_http_warning
+        if warning and (settings.conn_id, settings.base_url) not in _WARNED:
+            _WARNED.add((settings.conn_id, settings.base_url))  # once per process, not per trigger
             self.log.warning(warning)
 
     async def _read_settings(self) -> protocol.ConnectionSettings:
@@ -251,6 +253,7 @@ class _SharedSettings:
 
 
 _SETTINGS = _SharedSettings()
+_WARNED: set[tuple[str, str]] = set()
 
 
 _SHARED_CLIENTS = transport.SharedClients()

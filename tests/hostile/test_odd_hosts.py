@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from airflow_provider_altabots.exceptions import AltaBotsConfigError, AltaBotsError, AltaBotsTransientError
+from airflow_provider_altabots.exceptions import AltaBotsConfigError, AltaBotsTransientError
 from tests.hostile.conftest import hook, operator, raises, returns, run_trigger, trigger
 from tests.hostile.server import INVOKE, RESULT
 
@@ -103,9 +103,9 @@ def test_network_error_names_the_url_tried(connect):
 
 
 def test_plain_http_to_a_remote_host_warns(connect, caplog, capsys):
-    """192.0.2.0/24 is TEST-NET-1: never routed, so nothing is sent anywhere."""
+    """Reading the connection is enough to warn; no request goes anywhere (TEST-NET-1 address)."""
     connect("http://192.0.2.10:9", timeout=1)
-    raises(AltaBotsError, hook().get_run_result, "run-1")
+    hook().get_settings()
     warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] + [
         line for line in capsys.readouterr().out.splitlines() if "warning" in line.lower()
     ]
