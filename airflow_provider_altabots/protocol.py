@@ -106,8 +106,8 @@ BULKY_FIELDS = ("input", "output")
 
 _TRUST_HINT = (
     "If the API is reached through a proxy or gateway with a private certificate authority, point "
-    "SSL_CERT_FILE (or REQUESTS_CA_BUNDLE) at a PEM file holding that authority's certificate on the "
-    "workers and the triggerer; this provider trusts the bundle either variable names."
+    "SSL_CERT_FILE or REQUESTS_CA_BUNDLE at a PEM file holding that authority's certificate (and the "
+    "public ones you still need) on the workers and the triggerer: either variable serves both."
 )
 
 

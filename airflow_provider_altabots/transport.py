@@ -65,9 +65,16 @@ class Answer(NamedTuple):
     body: bytes
 
 
-def trusted_ca_bundle() -> str | None:
-    """The CA bundle to trust instead of the default one: ``REQUESTS_CA_BUNDLE`` or ``SSL_CERT_FILE``."""
-    for name in ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"):
+#: Where each transport finds a CA bundle (a PEM file or a directory) to trust instead of
+#: certifi's: its own library's variables first, then the other's, so either one set alone
+#: covers workers and triggerers alike.
+REQUESTS_CA_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR")
+HTTPX_CA_VARIABLES = ("SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
+
+
+def trusted_ca_bundle(variables: tuple[str, ...]) -> str | None:
+    """The CA bundle named by the first of ``variables`` set in the environment, if any."""
+    for name in variables:
         if value := os.environ.get(name, "").strip():
             return value
     return None
@@ -218,7 +225,7 @@ def _exchange(
         timeout=(min(CONNECT_TIMEOUT, seconds), seconds),
         allow_redirects=False,
         stream=True,
-        verify=trusted_ca_bundle() or True,
+        verify=trusted_ca_bundle(REQUESTS_CA_VARIABLES) or True,
     )
     with response:
         body = protocol.AnswerBody(request, response.headers, settings.max_answer_bytes)
@@ -488,7 +495,7 @@ class SharedClients:
     ) -> AsyncIterator[PooledClient]:
         import httpx
 
-        bundle = trusted_ca_bundle()
+        bundle = trusted_ca_bundle(HTTPX_CA_VARIABLES)
         context = self._ssl_contexts.get(bundle) or await self._built_ssl_context(bundle)
         key = (id(asyncio.get_running_loop()), fingerprint, bundle)
         entry = self._clients.get(key)

@@ -228,8 +228,11 @@ def latency_section(doc: dict[str, Any], plot_name: str | None) -> list[str]:
         f"+/- {doc.get('spread', 0):.0%} and the same for every policy (runs of exactly 10, 30 or 120 s "
         "would flatter a fixed 5 s interval, which would then check the instant they end), "
         "all waiting at once through this provider's trigger, run by Airflow's trigger runner; only the "
-        "schedule differs. "
-        "Delay: the trigger's event minus the run's end "
+        "schedule differs. `adaptive` waits as a deferrable task does: it checks from the worker for "
+        "its first seconds (`polling.CHECK_ON_WORKER_SECONDS`), where a run that ended is done with, and "
+        "the trigger that takes over checks no sooner than `polling.DEFERRAL_MARGIN` after the deferral. "
+        "Delay: the moment the run's end is known (the trigger's event, or the worker's check) minus "
+        "the run's end "
         "(the scheduler's own latency to resume the task comes on top, the same for every policy). "
         "This benchmark ran beside the fan-out benchmark (it is light and mostly waits). "
         "Requests: the invoke plus every status check.",

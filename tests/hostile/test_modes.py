@@ -129,3 +129,18 @@ def test_tls_trust_from_either_variable_in_the_trigger(make_server, trust, conne
     connect(tls)
     event, _ = run_trigger(trigger("run-1", max_consecutive_failures=1), 10)
     assert event["status"] == "success", event
+
+
+def test_each_side_reads_its_own_library_variable_first(make_server, trust, connect, monkeypatch, tmp_path):
+    """A machine-wide REQUESTS_CA_BUNDLE does not hide the SSL_CERT_FILE a triggerer is given, and back."""
+    tls = make_server(tls="trusted")
+    connect(tls)
+    elsewhere = tmp_path / "unrelated-ca.pem"  # a bundle without the test CA
+    elsewhere.write_text("")
+    trust("SSL_CERT_FILE")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(elsewhere))
+    event, _ = run_trigger(trigger("run-1", max_consecutive_failures=1), 10)
+    assert event["status"] == "success", event  # httpx: SSL_CERT_FILE first
+    trust("REQUESTS_CA_BUNDLE")
+    monkeypatch.setenv("SSL_CERT_FILE", str(elsewhere))
+    assert returns(hook().get_run_result, "run-1")["status"] == "SUCCEED"  # requests: its own first
