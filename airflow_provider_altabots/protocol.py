@@ -463,14 +463,15 @@ def redacted_webhooks(webhooks: Any) -> Any:
     """
     ``webhooks`` as they may be shown: header values and each URL's path and query as ``***``.
 
-    Method, header names and the URL's scheme, host and port stay readable.
+    Method, header names and the URL's scheme, host and port stay readable. Anything that is not
+    a list of webhooks (a template that rendered to a string, say) is hidden whole.
     """
     if not isinstance(webhooks, list | tuple):
-        return webhooks
+        return "***" if webhooks else webhooks
     shown = []
     for hook in webhooks:
         if not isinstance(hook, Mapping):
-            shown.append(hook)
+            shown.append("***")
             continue
         entry = dict(hook)
         if _is_web_url(entry.get("url")):

@@ -255,3 +255,29 @@ class TestConnectionSettings:
     def test_bad_connection(self, kwargs, match):
         with pytest.raises(AltaBotsConfigError, match=match):
             self.make(**kwargs)
+
+
+def test_redacted_webhooks_hide_header_values_and_url_paths_however_short():
+    hooks = [
+        {
+            "method": "POST",
+            "url": "https://hooks.example:8443/T0/B0/XXXX?token=abc",
+            "headers": {"X-C": "ab"},
+        },
+        {"method": "GET", "url": "https://cb.example"},
+    ]
+    assert protocol.redacted_webhooks(hooks) == [
+        {"method": "POST", "url": "https://hooks.example:8443/***", "headers": {"X-C": "***"}},
+        {"method": "GET", "url": "https://cb.example"},
+    ]
+    assert protocol.webhook_secrets(hooks) == ["ab", "T0/B0/XXXX", "token=abc"]
+
+
+@pytest.mark.parametrize(
+    "rendered", ['[{"url": "https://hooks.example/T0/secret"}]', ["https://a.example/x"]]
+)
+def test_webhooks_that_are_not_a_list_of_mappings_are_hidden_whole(rendered):
+    """A template that rendered to a string fails the task, and its text never reaches a rendered field."""
+    shown = protocol.redacted_webhooks(rendered)
+    assert "secret" not in str(shown)
+    assert "a.example/x" not in str(shown)
