@@ -468,7 +468,7 @@ def redacted_webhooks(webhooks: Any) -> Any:
     """
     if not isinstance(webhooks, list | tuple):
         return "***" if webhooks else webhooks
-    shown = []
+    shown: list[Any] = []
     for hook in webhooks:
         if not isinstance(hook, Mapping):
             shown.append("***")
