@@ -26,7 +26,7 @@ from tests.hostile.conftest import (
     run_trigger,
     trigger,
 )
-from tests.hostile.server import INVOKE, RESULT, VERIFY, close, corrupt_tls, redirect, reset
+from tests.hostile.server import INVOKE, RESULT, VERIFY, answer, close, corrupt_tls, redirect, reset
 
 
 def trigger_for(run_id: str, **kwargs):
@@ -288,3 +288,26 @@ def test_webhook_secrets_are_hidden_in_rendered_fields_and_logs(server, connect,
     masked = redact(f"calling {hook_url} with {HOOK_TOKEN}")
     for secret in (HOOK_TOKEN, "Pj4nXs7Ke2", "Gd6hLw1Fu9"):
         assert secret not in masked, masked
+
+
+# -- an answer that echoes the key back ------------------------------------------------------------
+
+ECHOES = {
+    "json message": answer(401, {"code": 40127, "message": f"invalid api key: {API_KEY}"}),
+    "html page": answer(400, f"<pre>Authorization: Bearer {API_KEY}</pre>".encode()),
+    "json in a 5xx": answer(
+        502, {"error": {"code": "bad_gateway", "message": f"upstream refused {API_KEY}"}}
+    ),
+}
+
+
+@pytest.mark.parametrize("act", ECHOES.values(), ids=ECHOES.keys())
+def test_an_answer_echoing_the_key_never_puts_it_in_a_message(server, connect, act):
+    """APIs and proxies may quote the request's key in an error; the leak check fails the test if it shows."""
+    server.on(RESULT, act)
+    connect(server)
+    error = raises(AltaBotsError, hook().get_run_result, "run-1")
+    assert "***" in error.message
+    event, _ = run_trigger(trigger_for("run-1"), 10)
+    assert event["status"] != "success"
+    assert "***" in event["message"]
