@@ -130,35 +130,71 @@ def _seconds(value: float) -> str:
     return f"{value:.3g} s"
 
 
-# -- requests, on workers ----------------------------------------------------------------------------
+class Progress:
+    """
+    How far one request got: whether its bytes may have been written, and on which connection.
 
+    Each transport reports the steps: urllib3 connections through :func:`_tracking_adapter`,
+    httpcore through its ``trace`` extension (:meth:`trace`). A request whose connection reported
+    nothing (a SOCKS proxy, say) counts as possibly sent.
+    """
 
-class _Attempt:
-    """How far one request got: whether its bytes may have been written, and on which connection."""
-
-    def __init__(self) -> None:
-        self.tracked = False
+    def __init__(self, *, started: bool = True) -> None:
+        self.started = started  # past any wait for a place in a shared pool
+        self.watched = False
         self.writing = False
         self.connection: Any = None
 
     @property
     def may_have_sent(self) -> bool:
-        # A request whose connection could not be watched (a SOCKS proxy) counts as sent.
-        return self.writing or not self.tracked
+        return self.started and (self.writing or not self.watched)
+
+    async def trace(self, event: str, info: Mapping[str, Any]) -> None:
+        """httpcore's ``trace`` extension: called at the start and end of each step."""
+        self.watched = True
+        if "send_request" in event:
+            self.writing = True
 
     def abandon(self) -> None:
-        """Shut the connection's socket, so the thread still reading it ends now."""
+        """Shut the connection's socket, so a thread still reading it ends now."""
         sock = getattr(self.connection, "sock", None)
         if sock is not None:
             with suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
 
 
+def _named_failure(
+    request: protocol.ApiRequest,
+    url: str,
+    error: BaseException,
+    progress: Progress,
+    *,
+    unbuildable: tuple[type[BaseException], ...],
+    before_sending: tuple[type[BaseException], ...],
+) -> AltaBotsError:
+    """
+    A library's exception as this provider's error.
+
+    :param unbuildable: the library's errors for a request it refused to build.
+    :param before_sending: its errors that can only come before anything was written.
+    """
+    if is_certificate_failure(error):
+        return protocol.certificate_error(request, url)
+    if isinstance(error, unbuildable) and not progress.writing:
+        return protocol.request_error(request, url, type(error).__name__)
+    surely_unsent = any(isinstance(cause, before_sending) for cause in _chain(error))
+    sent = progress.may_have_sent and not surely_unsent
+    return protocol.network_error(request, url, describe_failure(error), sent=sent)
+
+
+# -- requests, on workers ----------------------------------------------------------------------------
+
+
 _CURRENT = threading.local()
 
 
-def _current_attempt() -> _Attempt | None:
-    return getattr(_CURRENT, "attempt", None)
+def _current_progress() -> Progress | None:
+    return getattr(_CURRENT, "progress", None)
 
 
 class RequestsTransport:
@@ -178,12 +214,12 @@ class RequestsTransport:
         """Send ``request``; return the answer, or raise this provider's error within ``seconds``."""
         if self._session is None:
             self._session = _new_session()
-        session, url, attempt = self._session, settings.url(request.path), _Attempt()
+        session, url, progress = self._session, settings.url(request.path), Progress()
         outcome: list[Answer | BaseException] = []
         done = threading.Event()
 
         def work() -> None:
-            _CURRENT.attempt = attempt
+            _CURRENT.progress = progress
             try:
                 outcome.append(_exchange(session, settings, request, seconds))
             except BaseException as error:
@@ -193,16 +229,16 @@ class RequestsTransport:
 
         threading.Thread(target=work, name="altabots-request", daemon=True).start()
         if not done.wait(seconds):
-            attempt.abandon()
+            progress.abandon()
             raise protocol.network_error(
-                request, url, f"no whole answer within {_seconds(seconds)}", sent=attempt.may_have_sent
+                request, url, f"no whole answer within {_seconds(seconds)}", sent=progress.may_have_sent
             )
         result = outcome[0]
         if isinstance(result, Answer):
             return result
         if isinstance(result, AltaBotsError):
             raise result
-        raise _requests_failure(request, url, result, attempt)
+        raise _requests_failure(request, url, result, progress)
 
     def close(self) -> None:
         if self._session is not None:
@@ -243,29 +279,30 @@ def _no_netrc(prepared: requests.PreparedRequest) -> requests.PreparedRequest:
 
 
 def _requests_failure(
-    request: protocol.ApiRequest, url: str, error: BaseException, attempt: _Attempt
+    request: protocol.ApiRequest, url: str, error: BaseException, progress: Progress
 ) -> AltaBotsError:
     import requests
     import urllib3.exceptions
 
-    if is_certificate_failure(error):
-        return protocol.certificate_error(request, url)
-    refused_to_build = (
-        requests.exceptions.InvalidHeader,
-        requests.exceptions.InvalidURL,
-        requests.exceptions.InvalidSchema,
-        requests.exceptions.MissingSchema,
-        requests.exceptions.InvalidJSONError,
-        UnicodeError,
+    return _named_failure(
+        request,
+        url,
+        error,
+        progress,
+        unbuildable=(
+            requests.exceptions.InvalidHeader,
+            requests.exceptions.InvalidURL,
+            requests.exceptions.InvalidSchema,
+            requests.exceptions.MissingSchema,
+            requests.exceptions.InvalidJSONError,
+            UnicodeError,
+        ),
+        before_sending=(
+            requests.ConnectTimeout,
+            urllib3.exceptions.NewConnectionError,
+            urllib3.exceptions.ConnectTimeoutError,
+        ),
     )
-    if isinstance(error, refused_to_build) and not attempt.writing:
-        return protocol.request_error(request, url, type(error).__name__)
-    before_sending = urllib3.exceptions.NewConnectionError | urllib3.exceptions.ConnectTimeoutError
-    surely_unsent = isinstance(error, requests.ConnectTimeout) or any(
-        isinstance(cause, before_sending) for cause in _chain(error)
-    )
-    sent = attempt.may_have_sent and not surely_unsent
-    return protocol.network_error(request, url, describe_failure(error), sent=sent)
 
 
 def _new_session() -> requests.Session:
@@ -281,7 +318,7 @@ def _new_session() -> requests.Session:
 @functools.cache
 def _tracking_adapter() -> type[requests.adapters.HTTPAdapter]:
     """
-    A ``requests`` adapter whose connections tell the current :class:`_Attempt` how far they got.
+    A ``requests`` adapter whose connections tell the current :class:`Progress` how far they got.
 
     urllib3 raises the same ``SSLError`` for a failed handshake (nothing sent) and for a TLS
     stream broken after the request was written (a run may exist), so the connection itself
@@ -292,10 +329,10 @@ def _tracking_adapter() -> type[requests.adapters.HTTPAdapter]:
     from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
     def track(connection: Any, writing: bool) -> None:
-        attempt = _current_attempt()
-        if attempt is not None:
-            attempt.tracked, attempt.connection = True, connection
-            attempt.writing = attempt.writing or writing
+        progress = _current_progress()
+        if progress is not None:
+            progress.watched, progress.connection = True, connection
+            progress.writing = progress.writing or writing
 
     class TrackedHTTPConnection(HTTPConnection):
         def connect(self) -> None:
@@ -376,24 +413,6 @@ class PooledClient(NamedTuple):
     gate: Gate
 
 
-class _Progress:
-    """How far one async request got, from httpcore's trace events."""
-
-    def __init__(self) -> None:
-        self.started = False
-        self.traced = False
-        self.writing = False
-
-    async def trace(self, event: str, info: Mapping[str, Any]) -> None:
-        self.traced = True
-        if "send_request" in event:
-            self.writing = True
-
-    @property
-    def may_have_sent(self) -> bool:
-        return self.started and (self.writing or not self.traced)
-
-
 async def aexchange(
     pooled: PooledClient, settings: protocol.ConnectionSettings, request: protocol.ApiRequest, seconds: float
 ) -> Answer:
@@ -401,7 +420,7 @@ async def aexchange(
     import httpx
 
     url = settings.url(request.path)
-    progress = _Progress()
+    progress = Progress(started=False)
     try:
         async with asyncio.timeout(seconds), pooled.gate.place():
             progress.started = True
@@ -426,18 +445,18 @@ async def aexchange(
 
 
 def _httpx_failure(
-    request: protocol.ApiRequest, url: str, error: BaseException, progress: _Progress
+    request: protocol.ApiRequest, url: str, error: BaseException, progress: Progress
 ) -> AltaBotsError:
     import httpx
 
-    if is_certificate_failure(error):
-        return protocol.certificate_error(request, url)
-    refused_to_build = httpx.InvalidURL | httpx.UnsupportedProtocol | httpx.LocalProtocolError | UnicodeError
-    if isinstance(error, refused_to_build) and not progress.writing:
-        return protocol.request_error(request, url, type(error).__name__)
-    surely_unsent = isinstance(error, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
-    sent = progress.may_have_sent and not surely_unsent
-    return protocol.network_error(request, url, describe_failure(error), sent=sent)
+    return _named_failure(
+        request,
+        url,
+        error,
+        progress,
+        unbuildable=(httpx.InvalidURL, httpx.UnsupportedProtocol, httpx.LocalProtocolError, UnicodeError),
+        before_sending=(httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout),
+    )
 
 
 class SharedClients:

@@ -166,10 +166,7 @@ class AltaBotsHook(BaseHook):
         seconds = _seconds_allowed(settings, request, timeout, deadline)
         if self._transport is None:
             self._transport = transport.RequestsTransport()
-        answer = self._transport.exchange(settings, request, seconds)
-        return protocol.read_answer(
-            request, answer.status, answer.headers, answer.body, secrets=(settings.api_key,)
-        )
+        return _read(settings, request, self._transport.exchange(settings, request, seconds))
 
     def close(self) -> None:
         """Close the hook's HTTP session."""
@@ -214,10 +211,7 @@ class AltaBotsHook(BaseHook):
     ) -> dict[str, Any]:
         settings = await self.aget_settings()
         seconds = _seconds_allowed(settings, request, None, deadline)
-        answer = await transport.aexchange(pooled, settings, request, seconds)
-        return protocol.read_answer(
-            request, answer.status, answer.headers, answer.body, secrets=(settings.api_key,)
-        )
+        return _read(settings, request, await transport.aexchange(pooled, settings, request, seconds))
 
 
 class _SharedSettings:
@@ -291,3 +285,12 @@ def _seconds_allowed(
             )
         seconds = min(seconds, left)
     return seconds
+
+
+def _read(
+    settings: protocol.ConnectionSettings, request: protocol.ApiRequest, answer: transport.Answer
+) -> dict[str, Any]:
+    """What an answer means; should the API echo the key, no message repeats it."""
+    return protocol.read_answer(
+        request, answer.status, answer.headers, answer.body, secrets=(settings.api_key,)
+    )

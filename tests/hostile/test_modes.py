@@ -106,29 +106,21 @@ def test_test_connection(server, connect):
     assert verify.headers["authorization"] == f"Bearer {API_KEY}"
 
 
+@pytest.mark.parametrize("side", ["worker", "trigger"])
 @pytest.mark.parametrize(
     "variables",
     [("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"), ("REQUESTS_CA_BUNDLE",), ("SSL_CERT_FILE",)],
     ids=["both", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"],
 )
-def test_tls_trust_from_either_variable_on_the_worker(make_server, trust, connect, variables):
+def test_tls_trust_from_either_variable(make_server, trust, connect, variables, side):
     trust(*variables)
     tls = make_server(tls="trusted")
     connect(tls)
-    assert returns(hook().get_run_result, "run-1")["status"] == "SUCCEED"
-
-
-@pytest.mark.parametrize(
-    "variables",
-    [("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"), ("REQUESTS_CA_BUNDLE",), ("SSL_CERT_FILE",)],
-    ids=["both", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"],
-)
-def test_tls_trust_from_either_variable_in_the_trigger(make_server, trust, connect, variables):
-    trust(*variables)
-    tls = make_server(tls="trusted")
-    connect(tls)
-    event, _ = run_trigger(trigger("run-1", max_consecutive_failures=1), 10)
-    assert event["status"] == "success", event
+    if side == "worker":
+        assert returns(hook().get_run_result, "run-1")["status"] == "SUCCEED"
+    else:
+        event, _ = run_trigger(trigger("run-1", max_consecutive_failures=1), 10)
+        assert event["status"] == "success", event
 
 
 def test_each_side_reads_its_own_library_variable_first(make_server, trust, connect, monkeypatch, tmp_path):
