@@ -73,6 +73,12 @@ def get_provider_info() -> dict[str, Any]:
                         "record is larger fails with a message naming this field.",
                         "schema": {"type": ["integer", "null"], "minimum": 1, "default": 8388608},
                     },
+                    "requests_per_minute": {
+                        "label": "Plan's requests per minute",
+                        "description": "The rate your plan allows this key, if you know it (GPTBots "
+                        "free: 3). Empty: learnt from the API's rate-limit headers and 429 answers.",
+                        "schema": {"type": ["number", "null"], "exclusiveMinimum": 0},
+                    },
                 },
                 "ui-field-behaviour": {
                     "hidden-fields": ["schema", "login", "port"],

@@ -10,10 +10,13 @@ decisions:
   ``max_poll_interval``. Short runs are seen quickly and long runs cost few requests: with the
   defaults the checks fall at 2, 4, 7, 11.5, 18, 28, 44, 66, 100 and 152 s, then every 60 s,
   so a 10-minute run takes 18 checks (figures against fixed intervals: ``BENCHMARKS.md``).
-* On HTTP 429 the wait doubles from ``poll_interval`` with jitter, up to
+* On HTTP 429 from a worker the wait doubles from ``poll_interval`` with jitter, up to
   :attr:`PollPolicy.backoff_cap`, and is never shorter than what ``Retry-After`` or
   ``X-RateLimit-Reset`` says: an API whose hint keeps failing (``Retry-After: 0`` again and
-  again) is asked less and less often.
+  again) is asked less and less often. In a trigger the API key's request budget
+  (:mod:`airflow_provider_altabots.budget`) holds every check of the key instead, and the run
+  keeps its schedule; a deferrable task's first checks on the worker hand over at a 429.
+* Every check logs one line: the status, the time since the run started, the next wait.
 * No wait between two requests is shorter than :data:`MIN_POLL_INTERVAL`.
 * A 5xx answer or a network error is retried the same way. Only ``max_consecutive_failures``
   failed checks in a row end the wait, as :class:`AltaBotsStatusUnknown`: the run's fate is
@@ -192,7 +195,13 @@ class RunWatch:
     :param deadline: absolute Unix time after which the wait ends; ``None`` waits forever.
     :param interval: the wait before the next check, when the wait goes on from an earlier one
         (a trigger taking over from the worker's first checks); default ``policy.poll_interval``.
-    :param log: where to warn about unknown statuses and retried errors.
+    :param started_at: Unix time the run was started (or first waited for), for the elapsed
+        time in each check's log line; default now.
+    :param budgeted: every check waits for the API key's request budget (in a trigger), which
+        honours a 429's hint for every run of the key: a 429 then keeps this run's schedule
+        instead of backing off on its own.
+    :param log: where each check's line goes (status, elapsed time, next check), and warnings
+        about unknown statuses and retried errors.
     :param clock: returns the current Unix time; replaceable in tests.
     """
 
@@ -203,14 +212,18 @@ class RunWatch:
         *,
         deadline: float | None = None,
         interval: float | None = None,
+        started_at: float | None = None,
+        budgeted: bool = False,
         log: Logger | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.run_id = run_id
+        self.budgeted = budgeted
         self.policy = policy
         self.deadline = deadline
         self.log = log or logging.getLogger(__name__)
         self.clock = clock
+        self.started_at = clock() if started_at is None else started_at
         self.interval = policy.poll_interval if interval is None else max(interval, policy.poll_interval)
         self.errors = ErrorStreak(policy)
         self.checks = 0
@@ -248,6 +261,8 @@ class RunWatch:
             status = outcome.get("status")
             self.last_status = protocol.short(status)
             kind = protocol.status_kind(status)
+            if kind in ("succeeded", "failed"):
+                self._log_check(None)
             if kind == "succeeded":
                 return None
             if kind == "failed":
@@ -272,9 +287,33 @@ class RunWatch:
                 run_id=self.run_id,
                 last_status=self.last_status,
             )
-        return self._until_deadline(delay)
+        delay = self._until_deadline(delay)
+        if not isinstance(outcome, AltaBotsTransientError):
+            self._log_check(delay)
+        return delay
+
+    def _log_check(self, delay: float | None) -> None:
+        self.log.info(
+            "Workflow run %s is %s after %.1f s (check %d)%s",
+            self.run_id,
+            self.last_status,
+            max(self.clock() - self.started_at, 0.0),
+            self.checks,
+            "." if delay is None else f"; next check in {delay:.1f} s.",
+        )
 
     def _after_error(self, error: AltaBotsTransientError) -> float:
+        if error.rate_limited and self.budgeted:
+            # The key's budget holds every check of the key as long as the 429 says; this run
+            # keeps its schedule and waits its turn there.
+            self.errors.failures = 0
+            self.log.info(
+                "Status check of workflow run %s was rate limited; the API key's request budget holds "
+                "the next check (due in %.1f s) until the key may ask again.",
+                self.run_id,
+                self.interval,
+            )
+            return self.interval
         delay = self.errors.delay(error)
         if delay is None:
             raise AltaBotsStatusUnknown(
@@ -318,8 +357,9 @@ def wait_for_run(
     :param check: fetches the record once; it is given :attr:`RunWatch.check_deadline`, the Unix
         time by which the request must have ended (``None``: no deadline).
     :param hand_over_after: stop and return ``None`` when the next check would come later than
-        this many seconds after the wait began: the caller hands the rest of the wait over (to a
-        trigger), which goes on with :attr:`RunWatch.interval`, the schedule's next wait.
+        this many seconds after the wait began, or at once when a check is rate limited: the
+        caller hands the rest of the wait over (to a trigger), which goes on with
+        :attr:`RunWatch.interval`, the schedule's next wait.
     """
     sleep = sleep or time.sleep
     began, slept = time.monotonic(), 0.0
@@ -333,6 +373,13 @@ def wait_for_run(
         try:
             outcome: dict[str, Any] | AltaBotsTransientError = check(watch.check_deadline)
         except AltaBotsTransientError as error:
+            if hand_over_after is not None and error.rate_limited:
+                # The key's quota is spent: the triggerer's budget waits for it, not a worker slot.
+                watch.log.info(
+                    "Status check of workflow run %s was rate limited; the triggerer takes the wait over.",
+                    watch.run_id,
+                )
+                return None
             outcome = error
         next_delay = watch.observe(outcome)
         if next_delay is None:

@@ -71,6 +71,9 @@ MAX_SECONDS = 366 * 24 * 3600.0
 #: A run record is its output plus a few fields; 8 MiB holds any text output a workflow is likely
 #: to give, while a runaway or hostile answer cannot fill a worker's memory or the XCom table.
 MAX_ANSWER_BYTES = 8 * 1024 * 1024
+#: The highest ``requests_per_minute`` accepted: a thousand requests a second.
+MAX_REQUESTS_PER_MINUTE = 60_000.0
+
 #: The longest run id accepted. The vendor's ids are short (its pages show 8-character
 #: placeholders; UUIDs are 36); anything this long is a broken answer, not an id to store.
 MAX_RUN_ID_LENGTH = 128
@@ -136,6 +139,8 @@ class ConnectionSettings:
     :param auth_scheme: ``bearer`` or ``raw``.
     :param timeout: seconds one request may take in all: connect, send and every read.
     :param max_answer_bytes: the largest answer read, after decompression.
+    :param requests_per_minute: the plan's request rate for this key, when the user knows it
+        (extra ``requests_per_minute``); ``None``: learnt from the API's answers.
     """
 
     conn_id: str
@@ -144,6 +149,7 @@ class ConnectionSettings:
     auth_scheme: str = "bearer"
     timeout: float = DEFAULT_REQUEST_TIMEOUT
     max_answer_bytes: int = MAX_ANSWER_BYTES
+    requests_per_minute: float | None = None
 
     @classmethod
     def from_connection(
@@ -166,7 +172,12 @@ class ConnectionSettings:
         max_bytes = positive_int(
             extra.get("max_answer_bytes", MAX_ANSWER_BYTES), f"Connection {conn_id!r}: extra max_answer_bytes"
         )
-        return cls(conn_id, base_url, api_key, scheme, timeout, max_bytes)
+        rate = extra.get("requests_per_minute")
+        if rate is not None and rate != "":
+            rate = positive_number(
+                rate, f"Connection {conn_id!r}: extra requests_per_minute", MAX_REQUESTS_PER_MINUTE
+            )
+        return cls(conn_id, base_url, api_key, scheme, timeout, max_bytes, rate or None)
 
     def url(self, path: str) -> str:
         return self.base_url + path
@@ -273,18 +284,34 @@ def _is_loopback(hostname: str) -> bool:
 
 def positive_seconds(value: Any, what: str) -> float:
     """``value`` as seconds, > 0 and at most :data:`MAX_SECONDS`; raise :class:`AltaBotsConfigError`."""
-    if isinstance(value, bool):
-        value = None
-    try:
-        number = float(value)
-    except (TypeError, ValueError, OverflowError):
-        number = math.nan
-    if not 0 < number <= MAX_SECONDS:
+    number = _at_most(value, MAX_SECONDS)
+    if number is None:
         raise AltaBotsConfigError(
             f"{what} must be a number of seconds above 0 and at most {MAX_SECONDS:.0f} (a year), "
             f"not {_snippet(repr(value), 40)}."
         )
     return number
+
+
+def positive_number(value: Any, what: str, most: float) -> float:
+    """``value`` as a number above 0 and at most ``most``; raise :class:`AltaBotsConfigError`."""
+    number = _at_most(value, most)
+    if number is None:
+        raise AltaBotsConfigError(
+            f"{what} must be a number above 0 and at most {most:g}, not {_snippet(repr(value), 40)}."
+        )
+    return number
+
+
+def _at_most(value: Any, most: float) -> float | None:
+    """``value`` as a float in (0, ``most``], else ``None`` (booleans, text, NaN, infinities)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if 0 < number <= most else None
 
 
 def positive_int(value: Any, what: str) -> int:
@@ -773,16 +800,78 @@ def retry_after(headers: Mapping[str, str], now: float | None = None) -> float |
                 seconds = parsedate_to_datetime(str(value)).timestamp() - now
             except (TypeError, ValueError, IndexError, OverflowError):
                 seconds = None
-    if seconds is None and (value := lower.get("x-ratelimit-reset")) is not None:
-        reset = _number(value)
-        if reset is None:
-            return None
-        if reset > 1e11:
-            reset /= 1000.0
-        seconds = reset - now if reset > 1e9 else reset
-    if seconds is None or math.isnan(seconds):
+        if seconds is not None and not math.isnan(seconds):
+            return min(max(seconds, 0.0), MAX_HINT_SECONDS)
+    if (value := lower.get("x-ratelimit-reset")) is not None:
+        return _reset_seconds(value, now)
+    return None
+
+
+@dataclass(frozen=True)
+class Quota:
+    """
+    What an answer's ``X-RateLimit-*`` headers say of the key's plan (AltaBots sends them on
+    every answer; GPTBots documents none). Each part is ``None`` when absent or unreadable.
+
+    :param limit: requests the plan allows per window (``X-RateLimit-Limit``).
+    :param remaining: requests left in the current window (``X-RateLimit-Remaining``), at most
+        ``limit``.
+    :param reset_at: Unix time at which the window ends (``X-RateLimit-Reset``, read as
+        :func:`retry_after` reads it), at most a day away.
+    """
+
+    limit: int | None
+    remaining: int | None
+    reset_at: float | None
+
+    @property
+    def plentiful(self) -> bool:
+        """At least half of the window's requests are left (or the headers do not say)."""
+        if self.remaining is None or self.limit is None:
+            return self.remaining is None
+        return 2 * self.remaining >= self.limit
+
+
+def quota(headers: Mapping[str, str], now: float | None = None) -> Quota | None:
+    """The plan's figures from an answer's ``X-RateLimit-*`` headers; ``None`` when it has none."""
+    lower = _lower_keys(headers)
+    now = time.time() if now is None else now
+    limit = _count(lower.get("x-ratelimit-limit"))
+    remaining = _count(lower.get("x-ratelimit-remaining"))
+    reset = lower.get("x-ratelimit-reset")
+    seconds = None if reset is None else _reset_seconds(reset, now)
+    if limit is None and remaining is None and seconds is None:
         return None
-    return min(max(seconds, 0.0), 86400.0)
+    if limit is not None and remaining is not None:
+        remaining = min(remaining, limit)
+    return Quota(limit, remaining, None if seconds is None else now + seconds)
+
+
+#: The longest wait an answer's hint (``Retry-After``, ``X-RateLimit-Reset``) is believed for.
+MAX_HINT_SECONDS = 86400.0
+#: The largest request count read from a rate-limit header.
+_MAX_COUNT = 10**9
+
+
+def _reset_seconds(value: Any, now: float) -> float | None:
+    """Seconds until an ``X-RateLimit-Reset`` value: Unix seconds, Unix milliseconds, or seconds."""
+    reset = _number(value)
+    if reset is None:
+        return None
+    if reset > 1e11:
+        reset /= 1000.0
+    seconds = reset - now if reset > 1e9 else reset
+    return min(max(seconds, 0.0), MAX_HINT_SECONDS)
+
+
+def _count(value: Any) -> int | None:
+    """A header's request count: a whole number >= 0 before any ``,`` or ``;`` (``"30, 30;w=60"``)."""
+    if value is None:
+        return None
+    number = _number(str(value).split(",")[0].split(";")[0])
+    if number is None or not 0 <= number <= _MAX_COUNT or number != int(number):
+        return None
+    return int(number)
 
 
 def _number(value: Any) -> float | None:

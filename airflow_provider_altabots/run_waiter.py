@@ -10,10 +10,15 @@ from collections.abc import Mapping
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from airflow_provider_altabots import polling, protocol
-from airflow_provider_altabots.exceptions import EVENT_ERRORS, AltaBotsError, error_from_event
+from airflow_provider_altabots import metrics, polling, protocol
+from airflow_provider_altabots.exceptions import (
+    EVENT_ERRORS,
+    AltaBotsError,
+    AltaBotsRunFailed,
+    error_from_event,
+)
 from airflow_provider_altabots.hooks.altabots import AltaBotsHook
-from airflow_provider_altabots.polling import PollPolicy, RunWatch, call_with_retries
+from airflow_provider_altabots.polling import PollPolicy, call_with_retries
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
@@ -50,7 +55,11 @@ class RunWaiterMixin:
         return call_with_retries(lambda: self.hook.get_run_result(run_id), self.policy, log=self.log)
 
     def defer_until_done(
-        self, run_id: str, deadline: float | None, interval: float | None = None
+        self,
+        run_id: str,
+        deadline: float | None,
+        interval: float | None = None,
+        started_at: float | None = None,
     ) -> NoReturn:
         """
         Free the worker slot: hand the wait to the triggerer, resume in :meth:`execute_complete`.
@@ -59,6 +68,7 @@ class RunWaiterMixin:
         after this deferral at the earliest, whenever the triggerer starts it.
 
         :param interval: the schedule's next wait, when the worker already made the first checks.
+        :param started_at: Unix time the run was invoked, when this task invoked it.
         """
         from airflow_provider_altabots.triggers.altabots import AltaBotsWorkflowRunTrigger
 
@@ -70,6 +80,7 @@ class RunWaiterMixin:
                 deadline=deadline,
                 interval=interval,
                 not_before=time.time() + polling.DEFERRAL_MARGIN,
+                started_at=started_at,
                 **self.policy.as_kwargs(),
             ),
             method_name="execute_complete",
@@ -77,7 +88,8 @@ class RunWaiterMixin:
 
     def execute_complete(self, context: Context, event: Mapping[str, Any] | None = None) -> Any:
         """
-        Resume after the trigger fired: fail with the trigger's error, or fetch and publish the output.
+        Resume after the trigger fired: fail with the trigger's error, or publish the finished run
+        (from the event's record, or read anew when the record was too large to travel).
 
         An event that is missing or not one this provider's trigger sends is refused.
         """
@@ -95,12 +107,24 @@ class RunWaiterMixin:
             )
         if event["status"] != "success":
             raise error_from_event(event["status"], str(event.get("message") or ""), run_id)
-        record = self.fetch_run(run_id)
-        watch = RunWatch(run_id, self.policy, log=self.log)
-        if watch.observe(record) is not None:
+        carried = event.get("record")
+        if carried is not None and not (
+            isinstance(carried, Mapping) and carried.get("workflowRunId") in (None, run_id)
+        ):
             raise AltaBotsError(
-                f"The trigger reported workflow run {run_id} as SUCCEED, but the API now reports status "
-                f"{watch.last_status!r}. A task retry waits for the run again.",
+                f"The trigger event for workflow run {run_id} carries a record that is not that run's "
+                f"({_describe(carried)}). Check the triggerer's log; a task retry resumes the run.",
+                run_id=run_id,
+            )
+        record = dict(carried) if carried is not None else self.fetch_run(run_id)
+        kind = protocol.status_kind(record.get("status"))
+        if kind == "failed":
+            raise AltaBotsRunFailed(protocol.failure_message(run_id, record), run_id=run_id)
+        if kind != "succeeded":
+            raise AltaBotsError(
+                f"The trigger reported workflow run {run_id} as SUCCEED, but "
+                f"{'its event' if carried is not None else 'the API now'} reports status "
+                f"{protocol.short(record.get('status'))!r}. A task retry waits for the run again.",
                 run_id=run_id,
             )
         return self.publish_run(context, run_id, record)
@@ -120,6 +144,7 @@ class RunWaiterMixin:
                 for key in ("status", "workflowExecutionTime", "totalCost", "totalTokens")
             ),
         )
+        metrics.run_ended(self.altabots_conn_id, record)
         if self.do_xcom_push:
             ti = context["ti"]
             ti.xcom_push(key=XCOM_RUN_ID_KEY, value=run_id)

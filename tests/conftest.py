@@ -42,12 +42,18 @@ import pytest  # noqa: E402 - after the environment above is set
 
 @pytest.fixture(autouse=True)
 def _fresh_connection_reads():
-    """Each test reads its own connections and CA bundle: forget what hooks shared in earlier tests."""
+    """
+    Each test reads its own connections and CA bundle, and starts with fresh request budgets:
+    forget what hooks shared in earlier tests.
+    """
+    from airflow_provider_altabots.budget import BUDGETS
     from airflow_provider_altabots.hooks import altabots
 
     altabots._SETTINGS.clear()
     altabots._SHARED_CLIENTS.forget_tls()
     altabots._WARNED.clear()
+    BUDGETS.clear()
     yield
     altabots._SETTINGS.clear()
     altabots._SHARED_CLIENTS.forget_tls()
+    BUDGETS.clear()

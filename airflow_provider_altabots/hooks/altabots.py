@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import AirflowNotFoundException, BaseHook
 
-from airflow_provider_altabots import protocol, transport
+from airflow_provider_altabots import metrics, protocol, transport
+from airflow_provider_altabots.budget import BUDGETS
 from airflow_provider_altabots.exceptions import AltaBotsConfigError, AltaBotsError
 
 if TYPE_CHECKING:
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
 
 #: Seconds for which hooks in one process share one read of a connection (see ``aget_settings``).
 SETTINGS_TTL = 60.0
+#: A request the key's budget holds back at least this long gets a line in the log.
+HELD_LOG_SECONDS = 1.0
 
 
 class AltaBotsHook(BaseHook):
@@ -39,7 +42,12 @@ class AltaBotsHook(BaseHook):
     ``https://altatech.ai``; GPTBots users give e.g. ``https://api-sg.gptbots.ai``), the workflow's
     API key in *password*, and optional extras: ``auth_scheme`` (``bearer``, the default, or
     ``raw`` for hosts that take the bare key), ``timeout`` (seconds one request may take in all,
-    default 30) and ``max_answer_bytes`` (the largest answer read, default 8 MiB).
+    default 30), ``max_answer_bytes`` (the largest answer read, default 8 MiB) and
+    ``requests_per_minute`` (the plan's rate, when known; see :mod:`airflow_provider_altabots.budget`).
+
+    Requests from async code (triggers) wait for the API key's request budget, shared by every
+    trigger of that key in the process; :attr:`last_quota` holds what the last answer's
+    ``X-RateLimit-*`` headers said.
 
     Each method makes one request and raises a subclass of
     :class:`~airflow_provider_altabots.exceptions.AltaBotsError` when it fails; retries are the
@@ -59,6 +67,8 @@ class AltaBotsHook(BaseHook):
         self._settings: protocol.ConnectionSettings | None = None
         self._transport: transport.RequestsTransport | None = None
         self._leased: transport.PooledClient | None = None
+        #: The ``X-RateLimit-*`` figures of the last answer, or ``None`` when it had none.
+        self.last_quota: protocol.Quota | None = None
 
     # -- connection ------------------------------------------------------------------------
 
@@ -166,7 +176,12 @@ class AltaBotsHook(BaseHook):
         seconds = _seconds_allowed(settings, request, timeout, deadline)
         if self._transport is None:
             self._transport = transport.RequestsTransport()
-        return _read(settings, request, self._transport.exchange(settings, request, seconds))
+        try:
+            answer = self._transport.exchange(settings, request, seconds)
+        except AltaBotsError:
+            metrics.request_sent(settings, request, None)
+            raise
+        return self._read(settings, request, answer)
 
     def close(self) -> None:
         """Close the hook's HTTP session."""
@@ -210,8 +225,56 @@ class AltaBotsHook(BaseHook):
         self, pooled: transport.PooledClient, request: protocol.ApiRequest, deadline: float | None
     ) -> dict[str, Any]:
         settings = await self.aget_settings()
-        seconds = _seconds_allowed(settings, request, None, deadline)
-        return _read(settings, request, await transport.aexchange(pooled, settings, request, seconds))
+        budget = BUDGETS.of(settings)
+        ticket, held = await budget.acquire(until=deadline)
+        if held >= HELD_LOG_SECONDS:
+            self.log.info(
+                "The request budget of connection %s's API key held the request to %s back %.1f s "
+                "(%d more waiting).",
+                settings.conn_id,
+                request.action,
+                held,
+                budget.waiting,
+            )
+        if held > 0:
+            metrics.budget_held(settings, held)
+        if ticket is None:
+            raise protocol.network_error(
+                request,
+                settings.url(request.path),
+                "the API key's request budget (its rate limit) held it past the wait's deadline",
+                sent=False,
+            )
+        try:
+            seconds = _seconds_allowed(settings, request, None, deadline)
+        except AltaBotsError:
+            budget.release(ticket)
+            raise
+        try:
+            answer = await transport.aexchange(pooled, settings, request, seconds)
+        except BaseException as error:
+            budget.release(ticket)
+            if isinstance(error, AltaBotsError):
+                metrics.request_sent(settings, request, None)
+            raise
+        refused = answer.status == 429
+        budget.observe(
+            ticket,
+            refused=refused,
+            quota=protocol.quota(answer.headers),
+            retry_after=protocol.retry_after(answer.headers) if refused else None,
+        )
+        return self._read(settings, request, answer)
+
+    def _read(
+        self, settings: protocol.ConnectionSettings, request: protocol.ApiRequest, answer: transport.Answer
+    ) -> dict[str, Any]:
+        """What an answer means; should the API echo the key, no message repeats it."""
+        metrics.request_sent(settings, request, answer.status)
+        self.last_quota = protocol.quota(answer.headers)
+        return protocol.read_answer(
+            request, answer.status, answer.headers, answer.body, secrets=(settings.api_key,)
+        )
 
 
 class _SharedSettings:
@@ -285,12 +348,3 @@ def _seconds_allowed(
             )
         seconds = min(seconds, left)
     return seconds
-
-
-def _read(
-    settings: protocol.ConnectionSettings, request: protocol.ApiRequest, answer: transport.Answer
-) -> dict[str, Any]:
-    """What an answer means; should the API echo the key, no message repeats it."""
-    return protocol.read_answer(
-        request, answer.status, answer.headers, answer.body, secrets=(settings.api_key,)
-    )

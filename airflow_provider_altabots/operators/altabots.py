@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from airflow.providers.common.compat.sdk import BaseOperator, ResumableJobMixin, conf, mask_secret
 
 from airflow_provider_altabots import polling, protocol
-from airflow_provider_altabots.exceptions import AltaBotsApiError, AltaBotsError, AltaBotsInvokeUncertain
+from airflow_provider_altabots.exceptions import (
+    AltaBotsApiError,
+    AltaBotsError,
+    AltaBotsInvokeUncertain,
+    AltaBotsTransientError,
+    error_from_event,
+)
 from airflow_provider_altabots.hooks.altabots import AltaBotsHook
 from airflow_provider_altabots.polling import (
     DEFAULT_MAX_CONSECUTIVE_FAILURES,
@@ -62,6 +69,13 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
     A new try of the task does not pay twice: on Airflow 3.3+ the run id is kept in the task
     state store as soon as the invoke answers, and a later try resumes that run if it is
     PENDING or RUNNING, reuses its result if it SUCCEEDED, and invokes anew only if it FAILED.
+
+    On a rate-limited key no worker slot waits for the limit: an invoke answered HTTP 429 (which
+    starts no run) defers the task until the key's request budget on the triggerer allows it,
+    then the task invokes again from the worker, for up to 15 minutes of refusals. When the
+    connection sets ``requests_per_minute``, or the invoke's answer says less than half of the
+    key's window is left, a deferrable task leaves every status check to the triggerer's budget
+    instead of checking from the worker first.
 
     :param input: the parameters of the workflow's Start node (templated; a mapping once
         rendered).
@@ -138,6 +152,8 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
         self._record: dict[str, Any] | None = None
         self._published = False
         self._output: Any = None
+        self._invoked_at: float | None = None
+        self._refused_since: float | None = None
 
     @property
     def policy(self) -> PollPolicy:
@@ -221,15 +237,34 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
         if not self.wait_for_termination:
             return run_id
         deadline = deadline_after(self.timeout)
-        watch = RunWatch(run_id, self.policy, deadline=deadline, log=self.log)
+        watch = RunWatch(run_id, self.policy, deadline=deadline, started_at=self._invoked_at, log=self.log)
+        hand_over_after = None
+        if self.deferrable:
+            hand_over_after = polling.CHECK_ON_WORKER_SECONDS if self._quota_plentiful() else 0.0
         record = wait_for_run(
             watch,
             lambda check_deadline: self.hook.get_run_result(run_id, deadline=check_deadline),
-            hand_over_after=polling.CHECK_ON_WORKER_SECONDS if self.deferrable else None,
+            hand_over_after=hand_over_after,
         )
         if record is None:
-            self.defer_until_done(run_id, deadline, interval=watch.interval)
+            self.defer_until_done(run_id, deadline, interval=watch.interval, started_at=self._invoked_at)
         return self._publish(context, record)
+
+    def execute_after_rate_limit(self, context: Context, event: Mapping[str, Any] | None = None) -> Any:
+        """Resume once the key's budget allows the invoke that was answered 429: invoke again."""
+        since = event.get("refused_since") if isinstance(event, Mapping) else None
+        if not isinstance(event, Mapping) or event.get("status") != "budget_allows":
+            status = event.get("status") if isinstance(event, Mapping) else None
+            message = str(event.get("message") or "") if isinstance(event, Mapping) else ""
+            if isinstance(status, str) and status != "budget_allows" and message:
+                raise error_from_event(status, message, None)
+            raise AltaBotsError(
+                f"The task resumed with an unexpected trigger event {str(event)[:200]!r} while it waited "
+                "for the API key's rate limit; no run was started. Clear the task to invoke again."
+            )
+        if isinstance(since, int | float) and not isinstance(since, bool):
+            self._refused_since = float(since)
+        return self.execute(context)
 
     def get_job_result(self, external_id: JsonValue, context: Context) -> Any:
         if not self.wait_for_termination:
@@ -277,10 +312,13 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
             answer = self._send_invoke()
             assert self._invoke is not None
             run_id = protocol.read_run_id(self._invoke, answer)
-        except AltaBotsError:
+        except AltaBotsError as error:
             # The outcome is known, or the user is told it is not: the marker has done its job.
+            # A 429 is such an outcome: the API started no run.
             if store is not None:
                 store.delete(INVOKE_MARKER_KEY)
+            if isinstance(error, AltaBotsTransientError) and error.rate_limited:
+                self._defer_refused_invoke(error)
             raise
         if store is not None:
             # Once the run id is stored, the marker (whose "after" is the previous id) is stale.
@@ -290,7 +328,8 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
 
     def _send_invoke(self) -> dict[str, Any]:
         """
-        Send the invoke; retry only where it surely started no run (never sent, or HTTP 429).
+        Send the invoke; retry on the worker only where it surely never reached the API. A 429
+        (no run started either) is not waited out here: :meth:`_defer_refused_invoke` frees the slot.
 
         Whatever else goes wrong after the request may have been written arrives as
         :class:`AltaBotsInvokeUncertain` (see :mod:`~airflow_provider_altabots.protocol`).
@@ -298,12 +337,67 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
         request = self._invoke
         assert request is not None
         timeout = (self.timeout or protocol.MAX_SECONDS) if self.sync_invoke else None
-        return call_with_retries(
+        answer = call_with_retries(
             lambda: self.hook.send(request, timeout=timeout),
             self.policy,
-            retry_if=lambda error: error.rate_limited or not error.sent,
+            retry_if=lambda error: not error.sent and not error.rate_limited,
             log=self.log,
         )
+        self._invoked_at = time.time()
+        return answer
+
+    def _defer_refused_invoke(self, error: AltaBotsTransientError) -> NoReturn:
+        """
+        The invoke was answered 429: defer until the key's budget on the triggerer allows it, then
+        invoke again from the worker (:meth:`execute_after_rate_limit`). After
+        ``rate_limit_patience`` seconds of refusals the 429 fails the task instead.
+        """
+        from airflow_provider_altabots.triggers.altabots import AltaBotsBudgetTrigger
+
+        now = time.time()
+        since = self._refused_since if self._refused_since is not None else now
+        patience = self.policy.rate_limit_patience
+        if now - since >= patience:
+            raise AltaBotsTransientError(
+                f"{error.message} The API has refused this task's invoke for {now - since:.0f} s "
+                f"(patience {patience:.0f} s), so no run was started. Retry the task when the plan's "
+                "quota allows, or lower the number of tasks that use this API key at once.",
+                rate_limited=True,
+                sent=False,
+            ) from None
+        quota = self.hook.last_quota
+        retry_at = None if error.retry_after is None else now + error.retry_after
+        self.log.warning(
+            "%s No run was started; the task waits on the triggerer until the API key's request "
+            "budget allows the invoke (%s), then invokes again.",
+            error.message,
+            f"the API said in {error.retry_after:.0f} s"
+            if error.retry_after is not None
+            else "no hint given",
+        )
+        self.defer(
+            trigger=AltaBotsBudgetTrigger(
+                self.altabots_conn_id,
+                refused_since=since,
+                not_before=now + max(polling.DEFERRAL_MARGIN, error.retry_after or 0.0),
+                limit=quota.limit if quota else None,
+                remaining=quota.remaining if quota else None,
+                reset_at=quota.reset_at if quota else None,
+                retry_at=retry_at,
+                deadline=since + patience,
+            ),
+            method_name="execute_after_rate_limit",
+        )
+
+    def _quota_plentiful(self) -> bool:
+        """
+        Whether the worker may spend requests on its first status checks: no plan rate is set on
+        the connection, and the invoke's answer said at least half of the key's window is left.
+        """
+        if self.hook.get_settings().requests_per_minute is not None:
+            return False
+        quota = self.hook.last_quota
+        return quota is None or quota.plentiful
 
     def _started(self, context: Context, run_id: str, answer: Mapping[str, Any]) -> None:
         self.workflow_run_id = run_id

@@ -100,7 +100,6 @@ class AltaBotsWorkflowRunSensor(RunWaiterMixin, BaseSensorOperator):
         except AltaBotsTransientError as error:
             outcome = error
         if self._watch.observe(outcome) is not None:
-            self.log.info("Workflow run %s: status %s.", run_id, self._watch.last_status)
-            return False
+            return False  # the watch logged the check
         assert self._watch.record is not None
         return PokeReturnValue(is_done=True, xcom_value=self.publish_run(context, run_id, self._watch.record))

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import TYPE_CHECKING, Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from airflow_provider_altabots import protocol
+from airflow_provider_altabots.budget import BUDGETS
 from airflow_provider_altabots.exceptions import AltaBotsError, AltaBotsRunTimeout, AltaBotsTransientError
 from airflow_provider_altabots.hooks.altabots import AltaBotsHook
 from airflow_provider_altabots.polling import PollPolicy, RunWatch
@@ -18,6 +21,12 @@ if TYPE_CHECKING:
 #: ``status`` of the event for a run that ended with SUCCEED; every other status names an error
 #: (see :data:`airflow_provider_altabots.exceptions.EVENT_ERRORS`).
 SUCCESS = "success"
+#: ``status`` of the event of :class:`AltaBotsBudgetTrigger`: the key's budget allows the invoke.
+BUDGET_ALLOWS = "budget_allows"
+#: The largest run record, as JSON, that travels in the success event, so the worker publishes
+#: the run without reading it again. Airflow keeps the event in its database until the task
+#: resumes; a larger record (a long output) is read by the worker instead.
+EVENT_RECORD_MAX_BYTES = 32 * 1024
 
 
 class AltaBotsWorkflowRunTrigger(BaseTrigger):
@@ -37,8 +46,13 @@ class AltaBotsWorkflowRunTrigger(BaseTrigger):
     on time whatever the server does.
 
     The event is ``{"status", "run_id", "message"}`` (plus ``last_status`` on a timeout):
-    ``status`` is ``"success"`` or the ``event_status`` of the error that ended the wait. The
-    worker fetches the run's output itself when it resumes, so the event stays small.
+    ``status`` is ``"success"`` or the ``event_status`` of the error that ended the wait. A success
+    event also carries ``record``, the run's record, when its JSON is at most
+    :data:`EVENT_RECORD_MAX_BYTES`, so the worker needs no request to publish it; a larger record
+    is read by the worker when it resumes.
+
+    Every status check waits for the API key's request budget
+    (:mod:`airflow_provider_altabots.budget`), shared with every other trigger of that key.
 
     :param run_id: the workflow run to wait for.
     :param altabots_conn_id: the connection to poll through.
@@ -47,6 +61,7 @@ class AltaBotsWorkflowRunTrigger(BaseTrigger):
     :param interval: the schedule's next wait, when the worker already made the first checks.
     :param not_before: absolute Unix time before which the run is not checked; ``None``: the
         first check comes ``interval`` (or ``poll_interval``) after the trigger starts.
+    :param started_at: Unix time the run was invoked, for the elapsed time in each check's log line.
     :param policy: the fields of :class:`~airflow_provider_altabots.polling.PollPolicy`
         (``poll_interval``, ``max_poll_interval``, ``max_consecutive_failures``, ...): plain
         numbers, as the operator passes them.
@@ -60,6 +75,7 @@ class AltaBotsWorkflowRunTrigger(BaseTrigger):
         deadline: float | None = None,
         interval: float | None = None,
         not_before: float | None = None,
+        started_at: float | None = None,
         **policy: Any,
     ) -> None:
         super().__init__()
@@ -68,6 +84,7 @@ class AltaBotsWorkflowRunTrigger(BaseTrigger):
         self.deadline = deadline
         self.interval = interval
         self.not_before = not_before
+        self.started_at = started_at
         self.policy = PollPolicy(**policy)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
@@ -79,6 +96,7 @@ class AltaBotsWorkflowRunTrigger(BaseTrigger):
                 "deadline": self.deadline,
                 "interval": self.interval,
                 "not_before": self.not_before,
+                "started_at": self.started_at,
                 **self.policy.as_kwargs(),
             },
         )
@@ -86,7 +104,13 @@ class AltaBotsWorkflowRunTrigger(BaseTrigger):
     async def run(self) -> AsyncIterator[TriggerEvent]:
         hook = AltaBotsHook(self.altabots_conn_id)
         watch = RunWatch(
-            self.run_id, self.policy, deadline=self.deadline, interval=self.interval, log=self.log
+            self.run_id,
+            self.policy,
+            deadline=self.deadline,
+            interval=self.interval,
+            started_at=self.started_at,
+            budgeted=True,
+            log=self.log,
         )
         try:
             async with hook.shared_client():
@@ -111,10 +135,114 @@ class AltaBotsWorkflowRunTrigger(BaseTrigger):
                 event["last_status"] = error.last_status
             yield TriggerEvent(event)
             return
-        yield TriggerEvent(
+        event = {
+            "status": SUCCESS,
+            "run_id": self.run_id,
+            "message": f"Workflow run {self.run_id} ended with SUCCEED after {watch.checks} checks.",
+        }
+        settings = await hook.aget_settings()
+        record = event_record(watch.record, secrets=(settings.api_key,))
+        if record is not None:
+            event["record"] = record
+        yield TriggerEvent(event)
+
+
+def event_record(record: dict[str, Any] | None, *, secrets: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """
+    The record to carry in a success event, or ``None``: larger than
+    :data:`EVENT_RECORD_MAX_BYTES` as JSON, or holding a secret (an output that echoes the key
+    stays out of the event, and the worker reads it instead).
+    """
+    if record is None:
+        return None
+    text = json.dumps(record, separators=(",", ":"), default=str)
+    if len(text.encode()) > EVENT_RECORD_MAX_BYTES or any(secret and secret in text for secret in secrets):
+        return None
+    return record
+
+
+class AltaBotsBudgetTrigger(BaseTrigger):
+    """
+    Wait until the API key's request budget allows one more request, then fire; send nothing.
+
+    A task whose invoke was answered 429 defers to this trigger instead of sleeping in its worker
+    slot, and invokes again from the worker when it resumes: the invoke is never sent from the
+    triggerer. The 429 it got holds the budget of every trigger of that key in the process, and
+    the turn it takes counts as a request, so the invoke is paced with the status checks.
+
+    The event is ``{"status": "budget_allows", "refused_since": ...}``.
+
+    :param altabots_conn_id: the connection whose key was refused.
+    :param refused_since: Unix time the task's first refused invoke was answered (the task gives
+        up after ``rate_limit_patience`` seconds of refusals).
+    :param not_before: Unix time before which the trigger does not fire (the 429's hint, and a
+        margin after the deferral).
+    :param limit: the refusal's ``X-RateLimit-Limit``, when it had one.
+    :param remaining: its ``X-RateLimit-Remaining``.
+    :param reset_at: its ``X-RateLimit-Reset``, as Unix time.
+    :param retry_at: Unix time its ``Retry-After`` (or reset) pointed to, when it said.
+    :param deadline: Unix time by which the trigger fires anyway, turn or no turn (the end of the
+        task's patience).
+    """
+
+    def __init__(
+        self,
+        altabots_conn_id: str = AltaBotsHook.default_conn_name,
+        *,
+        refused_since: float,
+        not_before: float,
+        limit: int | None = None,
+        remaining: int | None = None,
+        reset_at: float | None = None,
+        retry_at: float | None = None,
+        deadline: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.altabots_conn_id = altabots_conn_id
+        self.refused_since = refused_since
+        self.not_before = not_before
+        self.limit = limit
+        self.remaining = remaining
+        self.reset_at = reset_at
+        self.retry_at = retry_at
+        self.deadline = deadline
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
             {
-                "status": SUCCESS,
-                "run_id": self.run_id,
-                "message": f"Workflow run {self.run_id} ended with SUCCEED after {watch.checks} checks.",
-            }
+                "altabots_conn_id": self.altabots_conn_id,
+                "refused_since": self.refused_since,
+                "not_before": self.not_before,
+                "limit": self.limit,
+                "remaining": self.remaining,
+                "reset_at": self.reset_at,
+                "retry_at": self.retry_at,
+                "deadline": self.deadline,
+            },
         )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        hook = AltaBotsHook(self.altabots_conn_id)
+        try:
+            settings = await hook.aget_settings()
+        except AltaBotsError as error:
+            yield TriggerEvent({"status": error.event_status, "run_id": None, "message": error.message})
+            return
+        budget = BUDGETS.of(settings)
+        quota = None
+        if (self.limit, self.remaining, self.reset_at) != (None, None, None):
+            quota = protocol.Quota(self.limit, self.remaining, self.reset_at)
+        hint = None if self.retry_at is None else max(self.retry_at - time.time(), 0.0)
+        budget.refused_elsewhere(quota=quota, retry_after=hint)
+        await asyncio.sleep(max(self.not_before - time.time(), 0.0))
+        ticket, held = await budget.acquire(until=self.deadline)
+        if ticket is not None:
+            budget.release(ticket)  # the worker sends this request, and reads its answer
+        self.log.info(
+            "The request budget of connection %s's API key allows an invoke after %.1f s more; the task "
+            "resumes to send it.",
+            self.altabots_conn_id,
+            held,
+        )
+        yield TriggerEvent({"status": BUDGET_ALLOWS, "refused_since": self.refused_since})

@@ -15,6 +15,7 @@ import time
 import pytest
 from airflow.providers.common.compat.sdk import TaskDeferred
 
+from airflow_provider_altabots import budget
 from airflow_provider_altabots.exceptions import (
     AltaBotsConfigError,
     AltaBotsInvokeUncertain,
@@ -90,12 +91,18 @@ def test_hanging_checks_do_not_hold_up_another_trigger(server, connect, monkeypa
         server.on(RESULT, hang(), run_id=f"hang-{number}")
     server.statuses("run-ok", "SUCCEED")
     connect(server, timeout=60)
-    limit = 0.1 + slow + 2 * SLACK
+    # The unrelated check waits at most one round of the budget's slow start (an unknown key's
+    # first requests; a hanging one ends its round after ANSWER_PATIENCE) and one hanging
+    # request's place in the pool.
+    limit = 0.1 + slow + budget.ANSWER_PATIENCE + 2 * SLACK
 
     async def scene() -> tuple[dict, float]:
         stuck = [asyncio.ensure_future(anext(trigger(f"hang-{n}").run())) for n in range(hanging)]
         try:
-            for _ in range(200):  # every connection the pool allows is hanging at the server
+            # Every connection the pool allows is hanging at the server. An unknown key's budget
+            # lets its first requests out in a slow start, whose rounds a hanging request ends
+            # after ANSWER_PATIENCE: 16 are out after 4 rounds.
+            for _ in range(600):
                 if server.count(RESULT) >= 16:
                     break
                 await asyncio.sleep(0.05)

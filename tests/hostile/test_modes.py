@@ -92,7 +92,13 @@ def test_trigger_waits_for_the_run(server, connect):
     connect(server)
     server.statuses("run-9", "PENDING", "RUNNING", "SUCCEED")
     event, _ = run_trigger(trigger("run-9"), 10)
-    assert event == {"status": "success", "run_id": "run-9", "message": event["message"]}
+    assert event == {
+        "status": "success",
+        "run_id": "run-9",
+        "message": event["message"],
+        "record": event["record"],
+    }
+    assert event["record"]["status"] == "SUCCEED"  # the worker publishes it without another request
     assert server.count(RESULT) == 3
     assert {seen.headers["authorization"] for seen in server.requests()} == {f"Bearer {API_KEY}"}
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import subprocess
 import sys
 import time
@@ -19,9 +20,9 @@ from airflow_provider_altabots.exceptions import (
     AltaBotsStatusUnknown,
     AltaBotsTransientError,
 )
-from airflow_provider_altabots.operators.altabots import AltaBotsRunWorkflowOperator
-from airflow_provider_altabots.triggers.altabots import AltaBotsWorkflowRunTrigger
-from tests.fake_api import INVOKE, RESULT, accepted, record, refused
+from airflow_provider_altabots.operators.altabots import INVOKE_MARKER_KEY, AltaBotsRunWorkflowOperator
+from airflow_provider_altabots.triggers.altabots import AltaBotsBudgetTrigger, AltaBotsWorkflowRunTrigger
+from tests.fake_api import API_KEY, BASE_URL, INVOKE, RESULT, accepted, record, refused
 
 STORE_KEY = AltaBotsRunWorkflowOperator.external_id_key
 
@@ -115,6 +116,46 @@ def test_a_run_that_ends_within_the_first_seconds_never_defers(api, context):
     assert context["ti"].xcom["workflow_run"]["status"] == "SUCCEED"
 
 
+@pytest.mark.parametrize(
+    ("extra", "headers"),
+    [
+        ({"requests_per_minute": 3}, {}),
+        ({}, {"X-RateLimit-Limit": "30", "X-RateLimit-Remaining": "14", "X-RateLimit-Reset": "30"}),
+    ],
+    ids=["plan-rate-set", "less-than-half-left"],
+)
+def test_on_a_tight_key_a_deferrable_task_leaves_every_check_to_the_triggerer(
+    api, context, monkeypatch, extra, headers
+):
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_ALTABOTS_DEFAULT",
+        json.dumps({"conn_type": "altabots", "host": BASE_URL, "password": API_KEY, "extra": extra}),
+    )
+    api.on(INVOKE, (200, accepted("run-t"), headers))
+    with pytest.raises(TaskDeferred) as deferred:
+        operator(deferrable=True).execute(context)
+    assert api.count(RESULT) == 0
+    assert deferred.value.trigger.serialize()[1]["interval"] == 2.0  # the schedule starts on the triggerer
+    assert context["task_state_store"].data[STORE_KEY] == "run-t"
+
+
+def test_plenty_left_in_the_window_keeps_the_first_checks_on_the_worker(api, context):
+    limits = {"X-RateLimit-Limit": "1000", "X-RateLimit-Remaining": "900", "X-RateLimit-Reset": "3000"}
+    api.on(INVOKE, (200, accepted("run-p"), limits))
+    api.on(RESULT, (200, record("SUCCEED", run_id="run-p")))
+    assert operator(deferrable=True).execute(context) == {"answer": "42"}
+    assert api.count(RESULT) == 1
+
+
+def test_a_rate_limited_check_on_the_worker_hands_the_wait_over_at_once(api, context):
+    api.on(INVOKE, (200, accepted("run-h")))
+    api.on(RESULT, (429, {"code": 42900, "message": "slow"}, {"Retry-After": "30"}))
+    with pytest.raises(TaskDeferred):
+        operator(deferrable=True).execute(context)
+    assert api.count(RESULT) == 1
+    assert [sleep.args[0] for sleep in time.sleep.call_args_list] == [2]  # only the first wait
+
+
 def test_fire_and_forget_returns_the_run_id(api, context):
     api.on(INVOKE, (200, accepted("run-f")))
     assert operator(wait_for_termination=False, deferrable=True).execute(context) == "run-f"
@@ -171,6 +212,30 @@ def test_execute_complete_rejects_bad_or_failed_events(api, context, event, erro
     assert api.calls == []
     if event and event.get("run_id"):
         assert caught.value.run_id == "run-d"
+
+
+def test_execute_complete_publishes_the_record_the_event_carries_without_a_request(api, context):
+    carried = record("SUCCEED", run_id="run-d")
+    event = {"status": "success", "run_id": "run-d", "message": "ok", "record": carried}
+    assert operator().execute_complete(context, event) == {"answer": "42"}
+    assert api.calls == []  # a run costs its invoke and its status checks, nothing more
+    assert context["ti"].xcom["workflow_run"]["totalCost"] == carried["totalCost"]
+
+
+@pytest.mark.parametrize(
+    ("carried", "error", "match"),
+    [
+        (record("SUCCEED", run_id="run-other"), AltaBotsError, "not that run's"),
+        ("SUCCEED", AltaBotsError, "not that run's"),
+        (record("RUNNING", run_id="run-d"), AltaBotsError, "its event reports status 'RUNNING'"),
+        (record("FAILED", run_id="run-d"), AltaBotsRunFailed, "run-d"),
+    ],
+)
+def test_execute_complete_refuses_a_carried_record_that_does_not_fit(api, context, carried, error, match):
+    event = {"status": "success", "run_id": "run-d", "message": "ok", "record": carried}
+    with pytest.raises(error, match=match):
+        operator().execute_complete(context, event)
+    assert api.calls == []
 
 
 def test_execute_complete_double_checks_the_status(api, context):
@@ -272,11 +337,53 @@ def test_invoke_refused_connection_is_retried(api, context):
     assert api.count(INVOKE) == 3
 
 
-def test_invoke_rate_limit_is_retried(api, context):
-    api.on(INVOKE, (429, {"code": 42900, "message": "slow"}, {"Retry-After": "2"}), (200, accepted("run-r")))
-    assert operator(wait_for_termination=False).execute(context) == "run-r"
+def test_invoke_answered_429_frees_the_slot_and_invokes_again_when_the_budget_allows(api, context):
+    limits = {"Retry-After": "20", "X-RateLimit-Limit": "30", "X-RateLimit-Remaining": "0"}
+    api.on(INVOKE, (429, {"code": 42900, "message": "slow"}, limits), (200, accepted("run-r")))
+    task = operator(wait_for_termination=False)
+    before = time.time()
+    with pytest.raises(TaskDeferred) as deferred:
+        task.execute(context)
+    assert api.count(INVOKE) == 1
+    time.sleep.assert_not_called()  # no worker slot waits for the limit
+    trigger = deferred.value.trigger
+    assert isinstance(trigger, AltaBotsBudgetTrigger)
+    assert deferred.value.method_name == "execute_after_rate_limit"
+    assert trigger.not_before >= before + 20
+    assert trigger.retry_at == pytest.approx(before + 20, abs=5)
+    assert (trigger.limit, trigger.remaining) == (30, 0)
+    assert trigger.deadline == pytest.approx(trigger.refused_since + 900)
+    # A 429 started no run: no marker is left for a later try to mistake for a lost invoke.
+    assert INVOKE_MARKER_KEY not in context["task_state_store"].data
+    event = {"status": "budget_allows", "refused_since": trigger.refused_since}
+    assert operator(wait_for_termination=False).execute_after_rate_limit(context, event) == "run-r"
     assert api.count(INVOKE) == 2
-    time.sleep.assert_any_call(pytest.approx(2.5, abs=0.5))
+
+
+def test_invoke_refused_for_longer_than_the_patience_fails_without_a_run(api, context):
+    api.on(INVOKE, (429, {"code": 42900, "message": "slow"}))
+    event = {"status": "budget_allows", "refused_since": time.time() - 901}
+    with pytest.raises(AltaBotsTransientError, match=r"refused this task's invoke for 90[0-9] s") as caught:
+        operator().execute_after_rate_limit(context, event)
+    assert caught.value.rate_limited
+    assert INVOKE_MARKER_KEY not in context["task_state_store"].data
+
+
+@pytest.mark.parametrize("event", [None, {"status": "success"}, "budget_allows", {"status": "auth"}])
+def test_unexpected_event_after_a_rate_limit_invokes_nothing(api, context, event):
+    with pytest.raises(AltaBotsError):
+        operator().execute_after_rate_limit(context, event)
+    assert api.count(INVOKE) == 0
+
+
+def test_killed_try_after_a_refused_invoke_invokes_again(api, context):
+    """Issue 10: a try killed while deferred after 429s must not read as an unanswered invoke."""
+    api.on(INVOKE, (429, {"code": 42900, "message": "slow"}), (200, accepted("run-k")))
+    with pytest.raises(TaskDeferred):
+        operator(wait_for_termination=False).execute(context)
+    # The task is killed while deferred; its next try starts from scratch.
+    assert operator(wait_for_termination=False).execute(context) == "run-k"
+    assert api.count(INVOKE) == 2
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ import asyncio
 import gc
 import json
 import logging
+import re
 import time
 
 import httpx
@@ -11,7 +12,7 @@ import pytest
 
 from airflow_provider_altabots import polling
 from airflow_provider_altabots.hooks import altabots as hook_module
-from airflow_provider_altabots.triggers.altabots import AltaBotsWorkflowRunTrigger
+from airflow_provider_altabots.triggers.altabots import EVENT_RECORD_MAX_BYTES, AltaBotsWorkflowRunTrigger
 from tests.fake_api import API_KEY, RESULT, record, record_of
 
 FAST = {"poll_interval": 0.01, "max_poll_interval": 0.02}
@@ -50,15 +51,27 @@ def test_serialize_round_trip_holds_only_ids_and_numbers():
     assert API_KEY not in json.dumps(kwargs)
 
 
-def test_success_event_is_small(api):
+def test_success_event_carries_the_record(api):
     api.on(RESULT, (200, record("PENDING")), (200, record("RUNNING")), (200, record("SUCCEED")))
     event = first_event(AltaBotsWorkflowRunTrigger("run-1", **FAST))
     assert event["status"] == "success"
     assert event["run_id"] == "run-1"
-    assert set(event) == {"status", "run_id", "message"}
-    assert len(json.dumps(event)) < 300
-    assert "output" not in json.dumps(event)
+    assert set(event) == {"status", "run_id", "message", "record"}
+    assert event["record"] == record("SUCCEED")
     assert api.count(RESULT) == 3
+
+
+@pytest.mark.parametrize(
+    "output",
+    [{"text": "x" * EVENT_RECORD_MAX_BYTES}, {"echo": f"the key was {API_KEY}"}],
+    ids=["larger-than-the-cap", "echoes-the-key"],
+)
+def test_success_event_leaves_out_a_record_too_large_or_holding_the_key(api, output):
+    api.on(RESULT, (200, record("SUCCEED", output=output)))
+    event = first_event(AltaBotsWorkflowRunTrigger("run-1", **FAST))
+    assert event["status"] == "success"
+    assert "record" not in event  # the worker reads it instead
+    assert len(json.dumps(event)) < 300
 
 
 def test_failed_run_event_names_run_and_api_message(api):
@@ -94,7 +107,7 @@ def test_deadline_in_the_past_after_a_restart_checks_once_and_can_still_succeed(
     assert api.count(RESULT) == 1
 
 
-def test_429_waits_as_retry_after_says(api):
+def test_429_waits_as_retry_after_says(api):  # the key's budget holds the next check
     api.on(
         RESULT,
         (429, {"code": 42900, "message": "slow down"}, {"Retry-After": "0.3"}),
@@ -192,3 +205,90 @@ def test_first_check_waits_until_not_before_then_follows_the_schedule(api):
     late = time.time()
     first_event(AltaBotsWorkflowRunTrigger("run-1", not_before=late - 60, **FAST))
     assert time.time() - late < 5  # a not_before long past costs nothing
+
+
+# -- the API key's request budget (issue 10) ---------------------------------------------------------
+
+
+def test_a_429_to_one_trigger_holds_every_trigger_of_the_key(api):
+    answers = iter([(429, {"code": 42900, "message": "slow"}, {"Retry-After": "0.5"})])
+    api.on(RESULT, lambda body: next(answers, None) or (200, record("SUCCEED", run_id=body["workflowRunId"])))
+
+    async def go():
+        triggers = [AltaBotsWorkflowRunTrigger(f"run-{n}", **FAST) for n in range(10)]
+        return await asyncio.gather(*(anext(t.run()) for t in triggers))
+
+    events = asyncio.run(go())
+    assert [e.payload["status"] for e in events] == ["success"] * 10
+    refused, *later = api.calls
+    assert len(later) == 10
+    assert all(call.at - refused.at >= 0.5 for call in later)  # no trigger asked before the hint
+
+
+def test_triggers_spread_what_the_window_has_left_instead_of_spending_it_at_once(api):
+    reset = int(time.time()) + 3
+    limits = {"X-RateLimit-Limit": "100", "X-RateLimit-Remaining": "2", "X-RateLimit-Reset": str(reset)}
+    api.on(RESULT, lambda body: (200, record("SUCCEED", run_id=body["workflowRunId"]), limits))
+
+    async def go():
+        triggers = [AltaBotsWorkflowRunTrigger(f"run-{n}", **FAST) for n in range(4)]
+        return await asyncio.gather(*(anext(t.run()) for t in triggers))
+
+    events = asyncio.run(go())
+    assert [e.payload["status"] for e in events] == ["success"] * 4
+    first, *rest = api.calls
+    # The first answer says 2 are left until the reset: they are spread over it, then the others
+    # wait for the reset (each answer keeps saying 2, so the spacing stays wide).
+    assert rest[0].at - first.at >= (reset - time.time() - 3) / 3
+    assert max(call.at for call in rest) >= first.at + 1
+
+
+def test_a_check_the_budget_cannot_let_go_before_the_deadline_ends_as_a_timeout(api):
+    api.on(
+        RESULT, (429, {"code": 42900, "message": "slow"}, {"Retry-After": "120"}), (200, record("RUNNING"))
+    )
+    began = time.time()
+    event = first_event(AltaBotsWorkflowRunTrigger("run-1", deadline=time.time() + 0.5, **FAST))
+    assert event["status"] == "timeout"
+    assert api.count(RESULT) == 1  # the check the budget held was never sent
+    assert time.time() - began < 30  # the wait ended at its deadline (plus grace), not at the hint
+
+
+def test_the_held_time_is_logged_with_the_run(api, capsys):
+    api.on(
+        RESULT,
+        (429, {"code": 42900, "message": "slow"}, {"Retry-After": "1.2"}),
+        (200, record("SUCCEED")),
+    )
+    began = time.monotonic()
+    assert first_event(AltaBotsWorkflowRunTrigger("run-1", **FAST))["status"] == "success"
+    assert time.monotonic() - began >= 1.2
+    held = [line for line in capsys.readouterr().out.splitlines() if "held the request" in line]
+    assert len(held) == 1
+    assert "query workflow run run-1" in held[0]
+    assert re.search(r"back 1\.\d s", held[0])
+
+
+def test_budget_trigger_fires_when_the_budget_allows_and_sends_nothing(api):
+    from airflow_provider_altabots.triggers.altabots import AltaBotsBudgetTrigger
+
+    trigger = AltaBotsBudgetTrigger(
+        refused_since=time.time() - 5, not_before=time.time() + 0.2, retry_at=time.time() + 0.4
+    )
+    classpath, kwargs = trigger.serialize()
+    assert all(isinstance(value, str | int | float | None) for value in kwargs.values())
+    assert AltaBotsBudgetTrigger(**kwargs).serialize() == (classpath, kwargs)
+    began = time.time()
+    event = first_event(trigger)
+    assert event == {"status": "budget_allows", "refused_since": kwargs["refused_since"]}
+    assert time.time() - began >= 0.4  # the 429's hint holds the whole key's budget
+    assert api.calls == []
+
+
+def test_budget_trigger_reports_a_missing_connection(monkeypatch):
+    from airflow_provider_altabots.triggers.altabots import AltaBotsBudgetTrigger
+
+    trigger = AltaBotsBudgetTrigger("no_such_conn", refused_since=time.time(), not_before=time.time())
+    event = first_event(trigger)
+    assert event["status"] == "config"
+    assert "no_such_conn" in event["message"]

@@ -1,0 +1,285 @@
+"""The request budget of an API key: its decisions (pure, with a simulated clock) and its queue."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from airflow_provider_altabots.budget import (
+    ANSWER_PATIENCE,
+    HEADROOM,
+    RESET_MARGIN,
+    WINDOW_SECONDS,
+    RateBudget,
+    SharedBudget,
+    Ticket,
+)
+from airflow_provider_altabots.protocol import Quota
+
+T0 = 1_800_000_000.0
+
+
+# -- a plan's server and a backlog of requests, on a simulated clock --------------------------------
+
+
+@dataclass
+class Outcome:
+    answered: int
+    refused: int
+    seconds: float
+    limit: int
+
+    @property
+    def refused_share(self) -> float:
+        return self.refused / max(self.answered + self.refused, 1)
+
+    @property
+    def used_share(self) -> float:
+        """Answered requests against what the plan allowed over the same time."""
+        return self.answered / (self.limit * self.seconds / WINDOW_SECONDS)
+
+
+def simulate(
+    *,
+    limit: int,
+    headers: bool,
+    requests_per_minute: float | None = None,
+    seconds: float = 900.0,
+    latency: float = 0.2,
+    offset: float = 0.0,
+    others_per_second: float = 0.0,
+    concurrency: int = 16,
+    seed: int = 0,
+) -> Outcome:
+    """
+    One budget with always more requests waiting than it lets go, in front of a server that
+    allows ``limit`` requests per fixed minute (the emulator's model), answering after
+    ``latency`` seconds; ``others_per_second`` are requests of the same key the budget never sees
+    (workers' invokes). Answered and refused count the budget's own requests.
+    """
+    rng = random.Random(seed)
+    budget = RateBudget(requests_per_minute)
+    now, end = T0 + offset, T0 + offset + seconds
+    used: dict[int, int] = {}
+    in_flight: list[tuple[float, object, bool, Quota | None]] = []
+    answered = refused = 0
+    other_at = now + rng.expovariate(others_per_second) if others_per_second else math.inf
+
+    def serve(at: float) -> tuple[bool, Quota | None]:
+        window = math.floor(at / WINDOW_SECONDS)
+        used[window] = used.get(window, 0) + 1
+        quota = Quota(limit, max(limit - used[window], 0), (window + 1) * WINDOW_SECONDS) if headers else None
+        return used[window] > limit, quota
+
+    while now < end:
+        for item in sorted((i for i in in_flight if i[0] <= now), key=lambda i: i[0]):
+            in_flight.remove(item)
+            budget.observe(item[1], item[0], refused=item[2], quota=item[3])  # type: ignore[arg-type]
+        while other_at <= now:
+            serve(other_at)
+            other_at += rng.expovariate(others_per_second)
+        ready = budget.ready_at(now)
+        if len(in_flight) >= concurrency:
+            ready = max(ready, min(i[0] for i in in_flight))
+        if ready <= now:
+            ticket = budget.grant(now)
+            was_refused, quota = serve(now)
+            refused += was_refused
+            answered += not was_refused
+            in_flight.append((now + latency, ticket, was_refused, quota))
+            continue
+        upcoming = min([ready, other_at, *(i[0] for i in in_flight)])
+        now = upcoming if math.isfinite(upcoming) else now + 0.1
+    return Outcome(answered, refused, seconds, limit)
+
+
+plans = st.sampled_from([3, 5, 10, 30, 100])
+latencies = st.sampled_from([0.05, 0.2, 1.0, 3.0])
+offsets = st.floats(0, WINDOW_SECONDS)
+
+
+@settings(max_examples=40, deadline=None)
+@given(limit=plans, latency=latencies, offset=offsets)
+def test_with_headers_no_request_is_refused_and_the_plan_is_used(limit, latency, offset):
+    outcome = simulate(limit=limit, headers=True, latency=latency, offset=offset)
+    assert outcome.refused == 0
+    assert outcome.used_share >= 0.9
+
+
+@settings(max_examples=40, deadline=None)
+@given(limit=plans, latency=latencies, offset=offsets)
+def test_a_known_plan_rate_is_kept_exactly(limit, latency, offset):
+    outcome = simulate(limit=limit, headers=False, requests_per_minute=limit, latency=latency, offset=offset)
+    assert outcome.refused == 0
+    assert outcome.used_share >= 0.9
+
+
+@settings(max_examples=40, deadline=None)
+@given(limit=st.sampled_from([5, 10, 30, 100]), latency=st.sampled_from([0.05, 0.2, 1.0]), offset=offsets)
+def test_without_headers_the_plan_is_learnt_from_few_429s(limit, latency, offset):
+    """
+    Over half an hour. The first contact costs a few 429s (the slow start overshoots by up to a
+    round trip's requests), then about one 429 per PROBE_AFTER_WINDOWS windows: on a plan of 3
+    a minute that first contact alone can be a tenth of an hour's requests, which is why the
+    README asks GPTBots users to set requests_per_minute.
+    """
+    outcome = simulate(limit=limit, headers=False, latency=latency, offset=offset, seconds=1800)
+    assert outcome.refused_share <= 0.1
+    assert outcome.used_share >= 0.8
+
+
+@settings(max_examples=25, deadline=None)
+@given(limit=st.sampled_from([10, 30, 100]), headers=st.booleans(), seed=st.integers(0, 99))
+def test_requests_of_the_key_sent_elsewhere_cost_few_429s(limit, headers, seed):
+    """Workers invoke outside the budget, a sixth of the plan here; the budget makes room."""
+    outcome = simulate(limit=limit, headers=headers, others_per_second=limit / 6 / WINDOW_SECONDS, seed=seed)
+    assert outcome.refused_share <= 0.1
+
+
+# -- single decisions ------------------------------------------------------------------------------
+
+
+def test_an_unknown_key_sends_one_request_first_then_as_many_in_flight_as_answered_plus_one():
+    budget = RateBudget()
+    first = budget.grant(T0)
+    # The first answer tells what the key allows; a first request that hangs holds up the others
+    # for ANSWER_PATIENCE at most.
+    assert budget.ready_at(T0) == T0 + ANSWER_PATIENCE
+    budget.observe(first, T0 + 0.1, refused=False)
+    assert budget.ready_at(T0 + 0.1) == T0 + 0.1
+    budget.grant(T0 + 0.1)
+    budget.grant(T0 + 0.1)  # one answered: two in flight
+    assert budget.ready_at(T0 + 0.1) == T0 + 0.1 + ANSWER_PATIENCE
+
+
+def test_a_plan_rate_spaces_requests_with_a_little_headroom():
+    budget = RateBudget(requests_per_minute=30)
+    budget.grant(T0)
+    assert budget.ready_at(T0) == pytest.approx(T0 + 2.0 / HEADROOM)
+
+
+def test_headers_spread_what_is_left_until_the_reset_and_hold_when_nothing_is():
+    budget = RateBudget()
+    ticket = budget.grant(T0)
+    budget.observe(ticket, T0, refused=False, quota=Quota(30, 3, T0 + 40))
+    budget.grant(T0)  # 2 left after this one: spread over the 40 s left
+    assert budget.ready_at(T0) == pytest.approx(T0 + 40 / 3)
+    budget.grant(T0 + 14)
+    budget.grant(T0 + 28)
+    assert budget.left(T0 + 28) == 0
+    assert budget.ready_at(T0 + 28) == T0 + 40 + RESET_MARGIN
+    # After the reset one request goes, and the others wait for its answer.
+    probe = budget.grant(T0 + 41)
+    assert budget.ready_at(T0 + 41) == T0 + 41 + ANSWER_PATIENCE
+    budget.observe(probe, T0 + 41.2, refused=False, quota=Quota(30, 29, T0 + 100))
+    assert budget.ready_at(T0 + 41.2) < T0 + 44
+
+
+def test_a_late_answer_never_says_more_is_left_than_a_newer_one():
+    budget = RateBudget()
+    first, second = budget.grant(T0), budget.grant(T0)
+    budget.observe(second, T0 + 1, refused=False, quota=Quota(30, 5, T0 + 60))
+    budget.observe(first, T0 + 2, refused=False, quota=Quota(30, 6, T0 + 60))
+    assert budget.left(T0 + 2) == 5
+    budget.observe(budget.grant(T0 + 70), T0 + 70, refused=False, quota=Quota(30, 29, T0 + 120))
+    budget.observe(first, T0 + 71, refused=False, quota=Quota(30, 0, T0 + 60))  # an old window's
+    assert budget.left(T0 + 71) == 29
+
+
+def test_a_429_without_a_hint_holds_until_the_window_has_room_and_lowers_the_rate():
+    budget = RateBudget()
+    for second in range(10):  # ten answered requests, the oldest at T0
+        budget.observe(budget.grant(T0 + second), T0 + second, refused=False)
+    budget.observe(budget.grant(T0 + 20), T0 + 20, refused=True)
+    assert budget.blocked_until == T0 + WINDOW_SECONDS  # when the oldest answer leaves the minute
+    assert budget.rate == pytest.approx(0.9 * 10 / 60)
+    # A 429 to a request sent before the rate was lowered teaches nothing new.
+    budget.observe(Ticket(T0 + 19, 0), T0 + 21, refused=True)
+    assert budget.rate == pytest.approx(0.9 * 10 / 60)
+
+
+def test_the_hint_of_a_429_is_kept_and_a_429_from_elsewhere_lowers_nothing():
+    budget = RateBudget(requests_per_minute=30)
+    budget.refused_elsewhere(T0, retry_after=25)
+    assert budget.ready_at(T0) == T0 + 25
+    assert budget.rate == pytest.approx(0.5 * HEADROOM)
+    budget.refused_elsewhere(T0, quota=Quota(30, 0, T0 + 50))
+    assert budget.ready_at(T0) == T0 + 50 + RESET_MARGIN
+
+
+def test_a_learnt_rate_grows_back_gently_below_what_was_learnt_then_up_to_the_plan_rate():
+    budget = RateBudget(requests_per_minute=60)
+    for second in range(40):  # the window answered 40 requests, then refused one
+        budget.observe(budget.grant(T0 + second), T0 + second, refused=False)
+    budget.observe(budget.grant(T0 + 41), T0 + 41, refused=True)
+    assert budget.rate == pytest.approx(0.9 * 40 / 60)
+    budget.observe(budget.grant(T0 + 102), T0 + 102, refused=False)
+    assert budget.rate == pytest.approx(0.9 * 40 / 60 * 1.05)
+    minutes = [T0 + 41 + 61 * minute for minute in range(2, 10)]
+    for when in minutes:
+        budget.observe(budget.grant(when), when, refused=False)
+    assert budget.rate == pytest.approx(HEADROOM * 40 / 60)  # just below what the window allowed
+    for minute in range(10, 40):
+        when = T0 + 41 + 61 * minute
+        budget.observe(budget.grant(when), when, refused=False)
+    assert budget.rate == pytest.approx(HEADROOM * 1.0)  # probing resumed, up to the plan rate
+
+
+# -- the queue on an event loop -----------------------------------------------------------------------
+
+
+def test_waiting_requests_go_in_the_order_they_asked_one_per_turn():
+    async def go() -> list[int]:
+        budget = SharedBudget(requests_per_minute=600)  # one request every 0.1 s
+        order: list[int] = []
+
+        async def ask(number: int) -> None:
+            ticket, _ = await budget.acquire()
+            assert ticket is not None
+            order.append(number)
+            budget.observe(ticket, refused=False)
+
+        for number in range(5):
+            asyncio.get_running_loop().call_soon(lambda n=number: asyncio.ensure_future(ask(n)))
+            await asyncio.sleep(0)
+        began = time.monotonic()
+        while len(order) < 5:
+            await asyncio.sleep(0.01)
+        assert time.monotonic() - began >= 0.3  # spaced, not all at once
+        return order
+
+    assert asyncio.run(go()) == [0, 1, 2, 3, 4]
+
+
+def test_a_request_not_let_go_by_its_deadline_gets_no_ticket():
+    async def go() -> None:
+        budget = SharedBudget()
+        budget.refused_elsewhere(retry_after=60)
+        ticket, held = await budget.acquire(until=time.time() + 0.2)
+        assert ticket is None
+        assert held >= 0.2
+        assert budget.waiting == 0
+
+    asyncio.run(go())
+
+
+def test_a_cancelled_waiter_leaves_its_turn_to_the_next():
+    async def go() -> None:
+        budget = SharedBudget()
+        budget.refused_elsewhere(retry_after=0.3)
+        first = asyncio.ensure_future(budget.acquire())
+        second = asyncio.ensure_future(budget.acquire())
+        await asyncio.sleep(0.05)
+        first.cancel()
+        ticket, _ = await asyncio.wait_for(second, timeout=30)
+        assert ticket is not None
+        assert budget.waiting == 0
+
+    asyncio.run(go())
