@@ -74,8 +74,8 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
     starts no run) defers the task until the key's request budget on the triggerer allows it,
     then the task invokes again from the worker, for up to 15 minutes of refusals. When the
     connection sets ``requests_per_minute``, or the invoke's answer says less than half of the
-    key's window is left, a deferrable task leaves every status check to the triggerer's budget
-    instead of checking from the worker first.
+    key's window (or less than 100 requests) is left, a deferrable task leaves every status check
+    to the triggerer's budget instead of checking from the worker first.
 
     :param input: the parameters of the workflow's Start node (templated; a mapping once
         rendered).
@@ -392,7 +392,8 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
     def _quota_plentiful(self) -> bool:
         """
         Whether the worker may spend requests on its first status checks: no plan rate is set on
-        the connection, and the invoke's answer said at least half of the key's window is left.
+        the connection, and the invoke's answer did not say the key's window is tight (less than
+        half, or less than 100 requests, left).
         """
         if self.hook.get_settings().requests_per_minute is not None:
             return False

@@ -120,9 +120,10 @@ def test_a_run_that_ends_within_the_first_seconds_never_defers(api, context):
     ("extra", "headers"),
     [
         ({"requests_per_minute": 3}, {}),
-        ({}, {"X-RateLimit-Limit": "30", "X-RateLimit-Remaining": "14", "X-RateLimit-Reset": "30"}),
+        ({}, {"X-RateLimit-Limit": "1000", "X-RateLimit-Remaining": "499", "X-RateLimit-Reset": "30"}),
+        ({}, {"X-RateLimit-Limit": "30", "X-RateLimit-Remaining": "29", "X-RateLimit-Reset": "30"}),
     ],
-    ids=["plan-rate-set", "less-than-half-left"],
+    ids=["plan-rate-set", "less-than-half-left", "less-than-100-left"],
 )
 def test_on_a_tight_key_a_deferrable_task_leaves_every_check_to_the_triggerer(
     api, context, monkeypatch, extra, headers
