@@ -29,7 +29,7 @@ BENCH_INSTALLED := $(BENCH_VENV)/.installed
 BENCH_PACKAGES := apache-airflow-providers-dbt-cloud==4.11.1 apache-airflow-providers-airbyte==6.2.0 \
 	apache-airflow-providers-http==6.3.0 matplotlib==3.11.2
 
-.PHONY: demo test lint unit e2e e2e-env postgres deployment bench install constraints clean
+.PHONY: demo test lint unit e2e e2e-env postgres deployment bench bench-rate-limits install constraints clean
 
 $(BIN)/python:
 	@test -n "$(PYTHON)" || { echo "make: Python 3.11 or newer is needed (python3.11, python3.12 or python3.13)"; exit 1; }
@@ -102,6 +102,13 @@ $(BENCH_INSTALLED): $(BENCH_DEPS) $(PROVIDER_SOURCES)
 # providers; writes BENCHMARKS.md and bench/results/. About 15 minutes on 2 cores.
 bench: $(BENCH_INSTALLED)
 	$(BENCH_VENV)/bin/python bench/run.py
+
+# Many deferrable runs on one rate-limited API key (end-to-end tests 11 and 12) at full size:
+# RATE_TASKS runs per scenario (make test runs them with 20). Prints each scenario's figures, also
+# written to figures.json in the deployment's AIRFLOW_HOME. Not part of make test.
+RATE_TASKS ?= 100
+bench-rate-limits: $(INSTALLED) e2e-env postgres
+	ALTABOTS_E2E_RATE_TASKS=$(RATE_TASKS) $(BIN)/python -m pytest tests/e2e/test_scenarios.py -k shared_key -s
 
 # Re-resolve every dependency from scratch and pin the result.
 constraints:

@@ -9,7 +9,10 @@ killed with everything it started):
   ``postgres`` system user; when that user cannot reach ``<root>`` (pytest's temporary
   directories are private to their owner) the cluster lives in a fresh temporary directory,
   linked from ``<root>/postgres`` and removed by ``stop()``.
-* ``emulator``: ``altabots-emulator`` on a free port; every connection points at it.
+* ``emulator``: ``altabots-emulator`` on a free port; every connection points at it. A
+  connection is given as its API key, or as ``{"password": <API key>, "extra": {...}}`` when it
+  needs extras; either way it is an ``AIRFLOW_CONN_<ID>`` variable of JSON (``conn_type``
+  ``altabots``).
 * ``airflow db migrate``, then ``api-server``, ``scheduler`` (LocalExecutor), ``dag-processor``
   and a ``triggerer``, all from the given virtualenv's ``bin`` directory, with one environment
   (``Deployment.env``) and no ``airflow.cfg`` of the user's.
@@ -180,6 +183,24 @@ class _Component:
         return self.popen is not None and self.popen.poll() is None
 
 
+def connection_fields(conn_id: str, value: str | Mapping[str, Any]) -> dict[str, Any]:
+    """
+    The fields of an ``altabots`` connection to the emulator besides its type and host: from an
+    API key alone, or from ``{"password": <API key>, "extra": {...}}``.
+    """
+    if isinstance(value, str):
+        return {"password": value}
+    unknown = sorted(set(value) - {"password", "extra"})
+    if unknown:
+        raise ValueError(f"connection {conn_id}: unknown field(s) {', '.join(unknown)}; give password, extra")
+    password, extra = value.get("password"), value.get("extra", {})
+    if not isinstance(password, str) or not password:
+        raise ValueError(f"connection {conn_id}: password (the API key) must be a non-empty string")
+    if not isinstance(extra, dict):
+        raise ValueError(f"connection {conn_id}: extra must be a dict")
+    return {"password": password, "extra": dict(extra)}
+
+
 def free_port() -> int:
     """A TCP port on loopback that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -302,7 +323,7 @@ class Deployment:
         *,
         airflow_bin: Path,
         dags_folder: Path,
-        connections: Mapping[str, str],
+        connections: Mapping[str, str | Mapping[str, Any]],
         variables: Mapping[str, str] | None = None,
         emulator_args: Sequence[str] = (),
         parallelism: int = 16,
@@ -317,7 +338,9 @@ class Deployment:
         self.root = Path(root).resolve()
         self.airflow_bin = Path(airflow_bin).absolute()
         self.dags_folder = Path(dags_folder).resolve()
-        self.connections = dict(connections)
+        self.connections = {
+            conn_id: connection_fields(conn_id, value) for conn_id, value in connections.items()
+        }
         self.variables = dict(variables or {})
         self.emulator_args = list(emulator_args)
         self.parallelism = parallelism
@@ -521,9 +544,9 @@ class Deployment:
             "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_STORAGE_PATH": str(home / "dag_bundles"),
         }
         env.update(dynamic)
-        for conn_id, api_key in self.connections.items():
+        for conn_id, fields in self.connections.items():
             env[f"AIRFLOW_CONN_{conn_id.upper()}"] = json.dumps(
-                {"conn_type": "altabots", "host": self.emulator_url, "password": api_key}
+                {"conn_type": "altabots", "host": self.emulator_url, **fields}
             )
         for name, value in self.variables.items():
             env[f"AIRFLOW_VAR_{name.upper()}"] = value
@@ -859,7 +882,7 @@ class Deployment:
     # ------------------------------------------------------------------ emulator
 
     def _emulator_argv(self, port: int) -> list[str]:
-        keys = list(dict.fromkeys(self.connections.values()))
+        keys = list(dict.fromkeys(str(fields["password"]) for fields in self.connections.values()))
         argv = [str(self.airflow_bin / "altabots-emulator"), "--host", LOOPBACK, "--port", str(port)]
         for key in keys:
             argv += ["--api-key", key]
@@ -898,9 +921,17 @@ class Deployment:
         """Add or replace the workflow of ``api_key`` (name, run_seconds, outcome, ...)."""
         self._emulator("POST", "workflows", {"api_key": api_key, **config})
 
-    def set_faults(self, **faults: Any) -> None:
-        """Set faults by name (rate_limit, server_errors, delay, error_in_200, drop); None removes one."""
-        self._emulator("POST", "faults", faults)
+    def set_faults(self, **faults: Any) -> dict[str, Any]:
+        """
+        Set faults by name (rate_limit, server_errors, delay, error_in_200, drop); None removes one.
+
+        Returns the faults in force afterwards, as the emulator shows them.
+        """
+        return dict(self._emulator("POST", "faults", faults)["faults"])
+
+    def emulator_faults(self) -> dict[str, Any]:
+        """The faults in force, with their counters (a rate limit's windows by key)."""
+        return dict(self._emulator("GET", "faults")["faults"])
 
     def clear_faults(self) -> None:
         """Remove every fault."""
@@ -1070,6 +1101,14 @@ class Deployment:
                 raise DeploymentError(f"api-server: no token ({response.status_code}): {response.text[:500]}")
             self._token = str(response.json()["access_token"])
         return self._token
+
+    def set_pool(self, name: str, slots: int, description: str = "") -> None:
+        """Create the pool, or give an existing one these slots; deferred tasks take no slot."""
+        fields = {"slots": slots, "description": description, "include_deferred": False}
+        if self.sql("SELECT 1 FROM slot_pool WHERE pool = %s", (name,)):
+            self.api("PATCH", f"/api/v2/pools/{name}", fields)
+        else:
+            self.api("POST", "/api/v2/pools", {"name": name, **fields})
 
     def trigger_dag(self, dag_id: str, conf: dict[str, Any] | None = None) -> str:
         """Start a manual run of ``dag_id`` through the REST API; its run id."""

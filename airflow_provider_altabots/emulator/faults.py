@@ -11,7 +11,10 @@ applies only to matching requests. Faults never touch ``/_emulator/`` requests.
   ``"ratelimit"`` every answer to that key carries ``X-RateLimit-Limit``,
   ``X-RateLimit-Remaining`` and ``X-RateLimit-Reset`` (Unix seconds at the window's end), as
   AltaBots documents; with ``"retry-after"`` a 429 carries ``Retry-After: <seconds>``; with
-  ``"none"`` nothing, as GPTBots documents (no header at all).
+  ``"none"`` nothing, as GPTBots documents (no header at all). ``rate_limit`` may also be a list
+  of such objects, for limits of several keys at once (each with its own ``api_key``, headers
+  style and window): a request is counted by the first limit in the list that applies to it,
+  and by no other. Setting ``rate_limit`` again replaces the whole list.
 * ``server_errors`` ``{"count": N, "status": 500, "after_create": false}``: the next N requests
   answer that status with an error body (code 50000, or ``code``/``message`` if given).
 * ``delay`` ``{"seconds": S, "count": N or null, "after_create": false}``: answers are held S
@@ -269,6 +272,29 @@ class _RateLimit(_Fault):
         }
 
 
+class _RateLimits:
+    """``rate_limit`` given as a list: several limits, each request counted by the first that applies."""
+
+    def __init__(self, items: list[Any]) -> None:
+        if not items:
+            raise ValueError("rate_limit: the list is empty (null removes the fault)")
+        self.limits: list[_RateLimit] = []
+        for number, item in enumerate(items):
+            if not isinstance(item, Mapping):
+                raise ValueError(f"rate_limit[{number}] must be an object")
+            try:
+                self.limits.append(_RateLimit(item))
+            except ValueError as exc:
+                raise ValueError(f"rate_limit[{number}]: {exc}") from None
+
+    def applying(self, path: str, api_key: str) -> _RateLimit | None:
+        """The limit that counts a request to ``path`` with ``api_key``; None when none does."""
+        return next((limit for limit in self.limits if limit.applies(path, api_key)), None)
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [limit.describe() for limit in self.limits]
+
+
 _FAULT_TYPES: Final[dict[str, type[_Fault]]] = {
     "rate_limit": _RateLimit,
     "server_errors": _ServerErrors,
@@ -282,7 +308,7 @@ class Faults:
     """The faults in force, and the decision of what they do to each request."""
 
     def __init__(self) -> None:
-        self._faults: dict[str, _Fault] = {}
+        self._faults: dict[str, _Fault | _RateLimits] = {}
 
     @property
     def active(self) -> bool:
@@ -296,13 +322,16 @@ class Faults:
         """
         if not isinstance(data, Mapping):
             raise ValueError("faults must be an object")
-        made: dict[str, _Fault | None] = {}
+        made: dict[str, _Fault | _RateLimits | None] = {}
         for name, settings in data.items():
             fault_type = _FAULT_TYPES.get(name)
             if fault_type is None:
                 raise ValueError(f"unknown fault {name!r}; known: {', '.join(FAULT_NAMES)}")
             if settings is None:
                 made[name] = None
+                continue
+            if name == "rate_limit" and isinstance(settings, list):
+                made[name] = _RateLimits(settings)
                 continue
             if not isinstance(settings, Mapping):
                 raise ValueError(f"{name} must be an object")
@@ -318,7 +347,7 @@ class Faults:
         self._faults.clear()
 
     def describe(self) -> dict[str, Any]:
-        """The faults in force, by name."""
+        """The faults in force, by name (``rate_limit`` as a list when it was set as one)."""
         return {name: self._faults[name].describe() for name in FAULT_NAMES if name in self._faults}
 
     def plan(self, path: str, api_key: str, now: float) -> FaultPlan | None:
@@ -327,6 +356,8 @@ class Faults:
         plan = FaultPlan()
         touched = False
         rate_limit = faults.get("rate_limit")
+        if isinstance(rate_limit, _RateLimits):
+            rate_limit = rate_limit.applying(path, api_key)
         if isinstance(rate_limit, _RateLimit) and rate_limit.applies(path, api_key):
             touched = True
             if rate_limit.count(api_key, now, plan):
@@ -345,7 +376,7 @@ class Faults:
                 plan.pre_delay = delay.seconds
         for name in ("drop", "server_errors", "error_in_200"):
             fault = faults.get(name)
-            if fault is None or fault.action is None or not fault.applies(path, api_key):
+            if not isinstance(fault, _Fault) or fault.action is None or not fault.applies(path, api_key):
                 continue
             if fault.take():
                 touched = True

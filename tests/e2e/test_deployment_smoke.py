@@ -12,12 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from scripts.deployment import Deployment, session_members
+from scripts.deployment import Deployment, connection_fields, session_members
 from tests.conftest import REPO
 from tests.e2e.waiting import wait_until
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from pathlib import Path
 
 pytestmark = pytest.mark.e2e
 
@@ -167,3 +168,24 @@ def test_triggerer_kill_restart_and_takeover(deployment: Deployment) -> None:
     deployment.restart(by_job[holder])
     assert deployment.running("triggerer")
     assert deployment.running("triggerer-2")
+
+
+def test_a_connection_is_an_api_key_or_a_key_with_extras(tmp_path: Path) -> None:
+    deployment = Deployment(
+        tmp_path,
+        airflow_bin=E2E_BIN,
+        dags_folder=DAGS,
+        connections={"plain": "key-1", "tuned": {"password": "key-2", "extra": {"requests_per_minute": 30}}},
+    )
+    deployment.emulator_url = "http://127.0.0.1:1"
+    env = deployment._airflow_env()
+    assert json.loads(env["AIRFLOW_CONN_PLAIN"]) == {
+        "conn_type": "altabots",
+        "host": "http://127.0.0.1:1",
+        "password": "key-1",
+    }
+    assert json.loads(env["AIRFLOW_CONN_TUNED"])["extra"] == {"requests_per_minute": 30}
+    assert deployment._emulator_argv(0)[-4:] == ["--api-key", "key-1", "--api-key", "key-2"]
+    for wrong in ({"extra": {}}, {"password": "k", "extra": "{}"}, {"password": "k", "host": "elsewhere"}):
+        with pytest.raises(ValueError, match="connection c"):
+            connection_fields("c", wrong)

@@ -8,8 +8,10 @@ states, XCom, trigger rows, logs) and on the emulator's request log.
 
 The long scenarios start together (fan-out, rate-limit storm, failed and endless runs, the
 sync/deferred comparison) so the suite fits its time budget; the ones that kill a triggerer
-run after them, and the one that burns every core runs last and alone. Figures for the README
-are printed at the end and written to ``<deployment root>/figures.json``.
+run after them, then the ones measuring many runs on one rate-limited key (alone, so that
+nothing else shares the machine with them: 11 together, then 12), and the one that burns
+every core runs last and alone. Figures for the README are printed at the end and written to
+``<deployment root>/figures.json``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +54,10 @@ KEYS = {
     "altabots_failing": "sk-e2e-failing-61c7",
     "altabots_endless": "sk-e2e-endless-a5e3",
     "altabots_defer_race": "sk-e2e-defer-race-6b08",
+    "altabots_rate_headers": "sk-e2e-rate-headers-e41b",
+    "altabots_rate_no_headers": "sk-e2e-rate-no-headers-07fa",
+    "altabots_rate_two_triggerers": "sk-e2e-rate-two-triggerers-93c5",
+    "altabots_rate_unlimited": "sk-e2e-rate-unlimited-5d1e",
 }
 WEBHOOK_CODE = "whk-e2e-code-4d7f92c1"
 WORKFLOWS: dict[str, dict[str, Any]] = {
@@ -64,11 +72,65 @@ WORKFLOWS: dict[str, dict[str, Any]] = {
     "altabots_failing": {"run_seconds": 3, "pending_seconds": 0.5, "outcome": "fail"},
     "altabots_endless": {"outcome": "never", "pending_seconds": 0.5},
     "altabots_defer_race": {"run_seconds": [0.5, 5], "pending_seconds": 0.2},
+    "altabots_rate_headers": {"run_seconds": [20, 40], "pending_seconds": 0.5},
+    "altabots_rate_no_headers": {"run_seconds": [20, 40], "pending_seconds": 0.5},
+    "altabots_rate_two_triggerers": {"run_seconds": [20, 40], "pending_seconds": 0.5},
+    "altabots_rate_unlimited": {"run_seconds": [20, 40], "pending_seconds": 0.5},
 }
 FIRST_WAVE = ("e2e_deferred", "e2e_sync", "e2e_failed_run", "e2e_endless_run")
 FIRST_WAVE_POSTGRES = ("e2e_fanout", "e2e_storm")
 SAMPLE_EVERY = 0.2
 FIGURES: dict[str, Any] = {}
+
+# -- tests 11 and 12: many runs on one rate-limited key ------------------------------------------
+
+
+@dataclass(frozen=True)
+class RateScenario:
+    """DAG ``e2e_rate_<name>``: N mapped deferrable runs on connection, key and pool altabots_rate_<name>."""
+
+    #: The emulator's rate-limit header style for the key ("ratelimit", "none"); None: no limit.
+    headers: str | None
+    #: Triggerers alive while it runs.
+    triggerers: int
+    #: Extras of its connection.
+    extra: dict[str, Any]
+    #: Goal (not asserted yet): the largest share of the key's requests answered 429.
+    max_share_429: float | None
+
+
+RATE_SCENARIOS = {
+    "headers": RateScenario("ratelimit", 1, {}, 0.05),
+    "no_headers": RateScenario("none", 1, {}, 0.10),
+    "two_triggerers": RateScenario("ratelimit", 2, {}, 0.05),
+    "unlimited": RateScenario(None, 1, {}, None),
+}
+#: Runs per scenario; the DAG file reads the same variable (make bench-rate-limits sets 100).
+RATE_TASKS = int(os.environ.get("ALTABOTS_E2E_RATE_TASKS", "20"))
+#: Slots of each scenario's pool (one pool per API key, the setting recommended for a rate-limited key).
+RATE_POOL_SLOTS = 2
+#: The emulator's limit of each limited key: requests per fixed window.
+RATE_LIMIT = 30
+RATE_WINDOW_S = 60.0
+#: No run can do with fewer than 2 requests (its invoke and one status check): 2N requests at the
+#: allowed rate is the shortest a scenario can take on a limited key.
+RATE_LOWER_BOUND_S = 2 * RATE_TASKS / (RATE_LIMIT / RATE_WINDOW_S)
+#: Goal (not asserted yet): a limited scenario's wall time at most this multiple of the bound.
+RATE_MAX_WALL_RATIO = 1.3
+#: How long a scenario's DAG run may take before the test fails: generous, since the provider's
+#: behaviour under rate limits is being reworked and the machine is small and often busy.
+RATE_RUN_TIMEOUT_S = 900 + 10 * RATE_LOWER_BOUND_S
+#: ALTABOTS_E2E_RATE_GOALS=assert makes the goals above assertions (see check_rate_goals).
+ENFORCE_RATE_GOALS = os.environ.get("ALTABOTS_E2E_RATE_GOALS") == "assert"
+
+# What Deployment(connections=...) takes: the API key, or the key with the connection's extras.
+CONNECTIONS: dict[str, str | dict[str, Any]] = {
+    **KEYS,
+    **{
+        f"altabots_rate_{name}": {"password": KEYS[f"altabots_rate_{name}"], "extra": scenario.extra}
+        for name, scenario in RATE_SCENARIOS.items()
+    },
+}
 
 
 class Sampler(threading.Thread):
@@ -124,7 +186,7 @@ def deployment(tmp_path_factory) -> Iterator[Any]:
         root,
         airflow_bin=airflow_bin,
         dags_folder=REPO / "tests" / "e2e" / "dags",
-        connections=KEYS,
+        connections=CONNECTIONS,
         variables={"altabots_e2e_hook_code": WEBHOOK_CODE, "altabots_e2e_hook_url": emulator_hook},
         # "sqlite" runs the suite on the fallback backend on purpose; "auto" falls back by itself.
         backend=os.environ.get("ALTABOTS_E2E_BACKEND", "auto"),
@@ -132,6 +194,8 @@ def deployment(tmp_path_factory) -> Iterator[Any]:
         print(f"deployment on {d.backend} ({d.backend_reason or 'PostgreSQL available'})")
         for conn_id, workflow in WORKFLOWS.items():
             d.set_workflow(KEYS[conn_id], name=conn_id, **workflow)
+        for name in RATE_SCENARIOS:
+            d.set_pool(f"altabots_rate_{name}", RATE_POOL_SLOTS, f"the tasks of API key altabots_rate_{name}")
         sampler = Sampler(d)
         sampler.start()
         d.sampler = sampler
@@ -543,6 +607,298 @@ def test_4_second_triggerer_takes_over(postgres: Any, first_wave: dict[str, str]
     assert len(invokes(d, "altabots_takeover")) == 20
 
 
+# -- 11 and 12. many runs on one rate-limited key -----------------------------------------------------
+#
+# N mapped deferrable runs of 20-40 s per scenario, all on one API key limited to 30 requests per
+# 60 s, through a pool of RATE_POOL_SLOTS slots, with the provider's default waiting policy and no
+# retries. Asserted: every task succeeds, each started exactly one run, and the key really was
+# limited as the scenario says. Measured (FIGURES["rate_limits"]): 429s, requests per run, wall
+# time against 2N requests at the allowed rate, worker-slot seconds per run against the
+# unlimited baseline. Run alone with `make bench-rate-limits` (N=100) or `-k shared_key`.
+
+INVOKE_PATH = "/v1/workflow/invoke"
+STATUS_PATH = "/v1/workflow/query/result"
+LIMIT_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset", "Retry-After")
+
+
+@dataclass(frozen=True)
+class RateRun:
+    scenario: str
+    dag_id: str
+    run_id: str
+    #: Unix time just before the DAG run was triggered.
+    triggered: float
+
+
+def every_dag_run_ended(d: Any, before: str) -> None:
+    wait_until(
+        f"every other scenario's DAG run to end before {before}",
+        lambda: not d.sql("SELECT dag_id FROM dag_run WHERE state IN ('queued', 'running')"),
+        900,
+        every=1,
+        context=lambda: str(d.sql("SELECT dag_id, state FROM dag_run WHERE state IN ('queued', 'running')")),
+    )
+
+
+def arm_rate_limits(d: Any) -> None:
+    """Remove every fault, then limit each limited scenario's key (fresh windows)."""
+    limits = [
+        {
+            "limit": RATE_LIMIT,
+            "window_seconds": RATE_WINDOW_S,
+            "headers": scenario.headers,
+            "api_key": KEYS[f"altabots_rate_{name}"],
+        }
+        for name, scenario in RATE_SCENARIOS.items()
+        if scenario.headers is not None
+    ]
+    d.clear_faults()
+    armed = d.set_faults(rate_limit=limits)
+    assert armed.keys() == {"rate_limit"}
+    shown = [(f["api_key"], f["limit"], f["window_seconds"], f["headers"]) for f in armed["rate_limit"]]
+    wanted = [(f["api_key"], f["limit"], f["window_seconds"], f["headers"]) for f in limits]
+    assert shown == wanted, "the emulator did not take the rate limits as set"
+
+
+def start_rate_run(d: Any, scenario: str) -> RateRun:
+    dag_id = f"e2e_rate_{scenario}"
+    triggered = time.time()
+    return RateRun(scenario, dag_id, d.trigger_dag(dag_id), triggered)
+
+
+@pytest.fixture(scope="module")
+def rate_phase_a(deployment: Any) -> dict[str, RateRun]:
+    """Once every other DAG run has ended: the headers, no_headers and unlimited scenarios together."""
+    d = deployment
+    every_dag_run_ended(d, "the rate-limit scenarios")
+    arm_rate_limits(d)
+    return {name: start_rate_run(d, name) for name in ("unlimited", "headers", "no_headers")}
+
+
+def alive_triggerers(d: Any, count: int) -> list[str]:
+    """Restart killed triggerers, then start new ones, until ``count`` are running; their names."""
+    names = [name for name in d.components if name.startswith("triggerer")]
+    alive = [name for name in names if d.running(name)]
+    for name in names:
+        if len(alive) >= count:
+            break
+        if name not in alive:
+            d.restart(name)
+            alive.append(name)
+    while len(alive) < count:
+        name = next(f"triggerer-{n}" for n in itertools.count(2) if f"triggerer-{n}" not in names)
+        d.start_triggerer(name)
+        names.append(name)
+        alive.append(name)
+    return alive
+
+
+@pytest.fixture(scope="module")
+def rate_phase_b(postgres: Any) -> tuple[RateRun, list[str]]:
+    """After phase A (and test 4, which leaves one of two triggerers dead): two triggerers alive."""
+    d = postgres
+    every_dag_run_ended(d, "the two-triggerer rate-limit scenario")
+    triggerers = alive_triggerers(d, RATE_SCENARIOS["two_triggerers"].triggerers)
+    arm_rate_limits(d)
+    return start_rate_run(d, "two_triggerers"), triggerers
+
+
+def epoch(value: Any) -> float:
+    """A timestamp column as Unix time (PostgreSQL gives datetimes, SQLite text in UTC)."""
+    when = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+def wait_for_rate_run(d: Any, run: RateRun, owners: set[int] | None = None) -> str:
+    """Wait for the run to end (noting the triggerers holding its triggers meanwhile); its state."""
+
+    def ended() -> str | None:
+        if owners is not None:
+            owners.update(owner for owner in trigger_owners(d, run.dag_id) if owner is not None)
+        rows = d.sql("SELECT state FROM dag_run WHERE dag_id = %s AND run_id = %s", (run.dag_id, run.run_id))
+        return str(rows[0][0]) if rows and rows[0][0] in ("success", "failed") else None
+
+    return str(
+        wait_until(
+            f"{run.dag_id} to end",
+            ended,
+            RATE_RUN_TIMEOUT_S,
+            every=1,
+            context=lambda: d.diagnostics(run.dag_id, run.run_id),
+        )
+    )
+
+
+def share_429(requests: list[dict[str, Any]]) -> float | None:
+    return round(sum(r["status"] == 429 for r in requests) / len(requests), 3) if requests else None
+
+
+def rate_figures(d: Any, run: RateRun, requests: list[dict[str, Any]]) -> dict[str, Any]:
+    """The scenario's figures, from Airflow's state and the key's requests in the emulator's log."""
+    scenario = RATE_SCENARIOS[run.scenario]
+    rows = ti_rows(d, run.dag_id, run.run_id)
+    ((end_date,),) = d.sql(
+        "SELECT end_date FROM dag_run WHERE dag_id = %s AND run_id = %s", (run.dag_id, run.run_id)
+    )
+    wall = epoch(end_date) - run.triggered
+    invokes_ = [r for r in requests if r["path"] == INVOKE_PATH]
+    checks = [r for r in requests if r["path"] == STATUS_PATH]
+    limited = scenario.headers is not None
+    return {
+        "runs": RATE_TASKS,
+        "limit": f"{RATE_LIMIT} per {RATE_WINDOW_S:g} s" if limited else None,
+        "headers": scenario.headers,
+        "triggerers": scenario.triggerers,
+        "pool_slots": RATE_POOL_SLOTS,
+        "connection_extra": scenario.extra,
+        "tasks": len(rows),
+        "tasks_failed": sum(1 for _, _, state, _ in rows if state != "success"),
+        "tasks_retried": sum(1 for *_, try_number in rows if try_number != 1),
+        "requests": len(requests),
+        "requests_429": sum(r["status"] == 429 for r in requests),
+        "share_429": share_429(requests),
+        "requests_per_run": round(len(requests) / RATE_TASKS, 2),
+        "invokes": len(invokes_),
+        "invokes_200": sum(r["status"] == 200 for r in invokes_),
+        "invokes_429": sum(r["status"] == 429 for r in invokes_),
+        "invokes_share_429": share_429(invokes_),
+        "status_checks": len(checks),
+        "status_checks_429": sum(r["status"] == 429 for r in checks),
+        "status_checks_share_429": share_429(checks),
+        "runs_checked": len({r["body"]["workflowRunId"] for r in checks if isinstance(r["body"], dict)}),
+        "other_requests": len(requests) - len(invokes_) - len(checks),
+        "unanswered": sum(r["status"] is None for r in requests),
+        "wall_s": round(wall, 1),
+        "lower_bound_s": round(RATE_LOWER_BOUND_S, 1) if limited else None,
+        "wall_ratio": round(wall / RATE_LOWER_BOUND_S, 2) if limited else None,
+        "worker_slot_s_per_run": round(d.sampler.worker_seconds(ti_ids(d, run.dag_id)) / RATE_TASKS, 2),
+    }
+
+
+def write_rate_timeline(d: Any, run: RateRun, requests: list[dict[str, Any]]) -> None:
+    """
+    The key's requests, for a closer look: ``<deployment root>/rate_limits/<scenario>.json``, one
+    entry a request: seconds after the trigger when sent and answered, path, status, the answer's
+    rate-limit headers, and the run (input n of an invoke, run id of a status check). No headers
+    of the request: nothing secret.
+    """
+    timeline = [
+        {
+            "sent_s": round(r["time"] - run.triggered, 3),
+            "answered_s": round(r["answered"] - run.triggered, 3) if r["answered"] is not None else None,
+            "path": r["path"],
+            "status": r["status"],
+            "limit_headers": r["limit_headers"],
+            "run": (r["body"] or {}).get("workflowRunId") or ((r["body"] or {}).get("input") or {}).get("n"),
+        }
+        for r in requests
+    ]
+    folder = Path(d.root, "rate_limits")
+    folder.mkdir(exist_ok=True)
+    (folder / f"{run.scenario}.json").write_text(json.dumps(timeline, indent=1))
+
+
+def rate_goals(figures: dict[str, dict[str, Any]]) -> None:
+    """The goals of each limited scenario measured so far, as booleans in its figures (not asserted)."""
+    baseline = figures.get("unlimited", {}).get("worker_slot_s_per_run")
+    for name, measured in figures.items():
+        scenario = RATE_SCENARIOS[name]
+        if scenario.max_share_429 is None:
+            continue
+        measured["goals"] = {
+            "share_429_at_most": scenario.max_share_429,
+            "share_429_ok": measured["share_429"] is not None
+            and measured["share_429"] <= scenario.max_share_429,
+            "wall_ratio_at_most": RATE_MAX_WALL_RATIO,
+            "wall_ok": measured["wall_ratio"] <= RATE_MAX_WALL_RATIO,
+            # None until the unlimited baseline was measured in this session.
+            "worker_slot_ok": None if baseline is None else measured["worker_slot_s_per_run"] <= baseline,
+        }
+
+
+def check_rate_run(d: Any, run: RateRun, owners: set[int] | None = None) -> dict[str, Any]:
+    """Wait for the scenario's run, record and print its figures, assert what must hold."""
+    state = wait_for_rate_run(d, run, owners)
+    conn_id = f"altabots_rate_{run.scenario}"
+    key = KEYS[conn_id]
+    requests = [r for r in d.emulator_requests() if key in r["headers"].get("Authorization", "")]
+    figures = rate_figures(d, run, requests)
+    if owners is not None:
+        figures["triggerer_jobs_holding_triggers"] = len(owners)
+    all_figures = FIGURES.setdefault("rate_limits", {})
+    all_figures[run.scenario] = figures
+    rate_goals(all_figures)
+    print(f"\nrate limits, {run.scenario}: {json.dumps(figures)}")
+    write_rate_timeline(d, run, requests)
+    summary = f"{run.dag_id}: {json.dumps(figures)}"
+
+    # The scenario really was what it says: the key limited, with its header style, or not at all.
+    scenario = RATE_SCENARIOS[run.scenario]
+    answers = [r for r in requests if r["status"] is not None]
+    assert answers, f"the emulator saw no request of {conn_id}"
+    carrying = [r for r in answers if set(r["limit_headers"]) & set(LIMIT_HEADERS)]
+    if scenario.headers == "ratelimit":
+        assert all(r["limit_headers"].get("X-RateLimit-Limit") == str(RATE_LIMIT) for r in answers), summary
+    else:
+        assert carrying == [], f"answers to {conn_id} carried rate-limit headers: {summary}"
+    if scenario.headers is None:
+        assert figures["requests_429"] == 0, f"{conn_id} has no limit, yet was answered 429: {summary}"
+    else:
+        (limit,) = [f for f in d.emulator_faults()["rate_limit"] if f["api_key"] == key]
+        assert key in limit["windows"], f"the rate limit of {conn_id} counted none of its requests"
+        assert limit["hits"] == figures["requests_429"], summary
+
+    # What must hold whatever the provider does about rate limits.
+    assert state == "success", summary
+    assert figures["tasks"] == RATE_TASKS, "the DAG file and the test disagree on ALTABOTS_E2E_RATE_TASKS"
+    assert figures["tasks_failed"] == 0, summary
+    started = [r for r in requests if r["path"] == INVOKE_PATH and r["status"] == 200]
+    assert len(started) == RATE_TASKS, f"not one paid run per task: {summary}"
+    assert len({r["body"]["input"]["n"] for r in started}) == RATE_TASKS, summary
+    check_rate_goals(run.scenario, figures)
+    return figures
+
+
+def check_rate_goals(scenario: str, figures: dict[str, Any]) -> None:
+    """
+    GOALS, NOT ASSERTED YET: the provider's behaviour under rate limits is being reworked. When it
+    is done, make these assertions by default (today ALTABOTS_E2E_RATE_GOALS=assert turns them on).
+    """
+    goals = figures.get("goals")
+    if not ENFORCE_RATE_GOALS or goals is None:
+        return
+    assert goals["share_429_ok"], (
+        f"{scenario}: share of 429 {figures['share_429']} > {goals['share_429_at_most']}"
+    )
+    assert goals["wall_ok"], (
+        f"{scenario}: wall {figures['wall_ratio']}x the lower bound > {RATE_MAX_WALL_RATIO}x"
+    )
+    assert goals["worker_slot_ok"] is not False, (
+        f"{scenario}: more worker-slot seconds per run than unlimited"
+    )
+
+
+def test_11a_shared_key_baseline_without_limit(deployment: Any, rate_phase_a: dict[str, RateRun]) -> None:
+    check_rate_run(deployment, rate_phase_a["unlimited"])
+
+
+def test_11b_shared_key_limit_with_headers(deployment: Any, rate_phase_a: dict[str, RateRun]) -> None:
+    check_rate_run(deployment, rate_phase_a["headers"])
+
+
+def test_11c_shared_key_limit_without_headers(deployment: Any, rate_phase_a: dict[str, RateRun]) -> None:
+    check_rate_run(deployment, rate_phase_a["no_headers"])
+
+
+def test_12_shared_key_limit_with_two_triggerers(
+    postgres: Any, rate_phase_b: tuple[RateRun, list[str]]
+) -> None:
+    d, (run, triggerers) = postgres, rate_phase_b
+    owners: set[int] = set()
+    check_rate_run(d, run, owners)
+    assert all(d.running(name) for name in triggerers), "a triggerer died during the scenario"
+
+
 # -- 10. runs that end moments after their task deferred, on a busy machine ---------------------------
 
 DEFER_RACE_TASKS = 100
@@ -719,6 +1075,7 @@ def print_figures(d: Any) -> None:
     }
     fanout = d.sampler.worker_seconds(ti_ids(d, "e2e_fanout"))
     FIGURES["fanout_worker_slot_seconds_per_task"] = round(fanout / 200, 2)
+    rate_goals(FIGURES.get("rate_limits", {}))
     text = json.dumps(FIGURES, indent=2)
     Path(d.airflow_home, "figures.json").write_text(text)
     print("\nEnd-to-end figures:\n" + text)

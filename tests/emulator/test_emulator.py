@@ -432,6 +432,66 @@ def test_rate_limit_only_on_given_paths(client: httpx.Client) -> None:
     assert client.post(QUERY, json={"workflowRunId": "x"}, headers=bearer()).status_code == 429
 
 
+def test_rate_limits_of_several_keys_as_a_list(client: httpx.Client) -> None:
+    third = "key-c"
+    faults = set_faults(
+        client,
+        rate_limit=[
+            {"limit": 2, "window_seconds": 30, "headers": "ratelimit", "api_key": KEY},
+            {"limit": 1, "window_seconds": 30, "headers": "none", "api_key": OTHER_KEY},
+        ],
+    )
+    assert [(f["api_key"], f["limit"], f["headers"]) for f in faults["rate_limit"]] == [
+        (KEY, 2, "ratelimit"),
+        (OTHER_KEY, 1, "none"),
+    ]
+    # Each key has its own limit and header style; the two windows fill apart.
+    other = [client.get(VERIFY, headers=bearer(OTHER_KEY)) for _ in range(2)]
+    mine = [client.get(VERIFY, headers=bearer(KEY)) for _ in range(3)]
+    assert [a.status_code for a in mine] == [200, 200, 429]
+    assert [a.headers["X-RateLimit-Remaining"] for a in mine] == ["1", "0", "0"]
+    assert [a.status_code for a in other] == [200, 429]
+    assert not any(h.lower().startswith(("x-ratelimit", "retry-after")) for a in other for h in a.headers)
+    # A key no limit of the list names is not limited (its 401 is the emulator's own answer).
+    assert [client.get(VERIFY, headers=bearer(third)).status_code for _ in range(3)] == [401] * 3
+    shown = client.get("/_emulator/faults").json()["faults"]["rate_limit"]
+    assert [(f["hits"], set(f["windows"])) for f in shown] == [(1, {KEY}), (1, {OTHER_KEY})]
+    # Setting rate_limit again replaces the whole list.
+    assert set_faults(client, rate_limit={"limit": 5, "window_seconds": 30})["rate_limit"]["limit"] == 5
+    assert client.get(VERIFY, headers=bearer(OTHER_KEY)).status_code == 200
+
+
+def test_first_rate_limit_of_the_list_that_applies_counts_a_request(client: httpx.Client) -> None:
+    set_faults(
+        client,
+        rate_limit=[
+            {"limit": 1, "window_seconds": 30, "api_key": KEY, "paths": [QUERY]},
+            {"limit": 3, "window_seconds": 30},
+        ],
+    )
+    queries = [query(client, "run-x").status_code for _ in range(2)]
+    assert queries == [400, 429]  # the first limit: one request (an unknown run answers 400)
+    # Other paths of that key, and other keys, meet the catch-all limit (and only it).
+    assert [client.get(VERIFY, headers=bearer()).status_code for _ in range(4)] == [200, 200, 200, 429]
+    assert [client.get(VERIFY, headers=bearer(OTHER_KEY)).status_code for _ in range(4)] == [200] * 3 + [429]
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        [],
+        [{"limit": 1}, "not an object"],
+        [{"limit": 1}, {"limit": 1, "headers": "x-custom"}],
+        [{"count": 1}],
+    ],
+)
+def test_bad_rate_limit_list_is_refused_whole(client: httpx.Client, limits: list[Any]) -> None:
+    answer = client.post("/_emulator/faults", json={"rate_limit": limits})
+    assert answer.status_code == 400
+    assert "rate_limit" in answer.json()["error"]
+    assert client.get("/_emulator/faults").json() == {"faults": {}}
+
+
 def test_server_errors(client: httpx.Client, emulator: Emulator) -> None:
     set_faults(client, server_errors={"count": 2, "status": 503})
     first = client.post(INVOKE, json={"input": {}, "isAsync": True}, headers=bearer())

@@ -5,6 +5,7 @@ can give each scenario its own workflow (run length, outcome) and its own faults
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timedelta
 from typing import Any, NoReturn
 
@@ -62,6 +63,24 @@ with DAG("e2e_defer_race", max_active_tasks=100, **COMMON):
     AltaBotsRunWorkflowOperator.partial(
         task_id="run", altabots_conn_id="altabots_defer_race", deferrable=True, retries=0
     ).expand(input=[{"n": n} for n in range(100)])
+
+
+# Many runs on one rate-limited API key (tests 11 and 12): one DAG per scenario, each on its own
+# connection, key and pool (tests/e2e/test_scenarios.py creates the pools and sets the limits).
+# The provider's default waiting policy. ALTABOTS_E2E_RATE_TASKS sets the number of runs (the
+# suite reads the same variable); make bench-rate-limits sets 100.
+RATE_TASKS = int(os.environ.get("ALTABOTS_E2E_RATE_TASKS", "20"))
+RATE_SCENARIOS = ("headers", "no_headers", "two_triggerers", "unlimited")
+
+for scenario in RATE_SCENARIOS:
+    with DAG(f"e2e_rate_{scenario}", max_active_tasks=RATE_TASKS, **COMMON):
+        AltaBotsRunWorkflowOperator.partial(
+            task_id="run",
+            altabots_conn_id=f"altabots_rate_{scenario}",
+            pool=f"altabots_rate_{scenario}",
+            deferrable=True,
+            retries=0,
+        ).expand(input=[{"n": n} for n in range(RATE_TASKS)])
 
 
 class CheckBeforeDeferOperator(AltaBotsRunWorkflowOperator):
