@@ -17,10 +17,10 @@ the plan from three sources, best first:
 * **429 answers.** Without headers a 429 is all there is: it holds every request of the key
   until the oldest answered request of the last :data:`WINDOW_SECONDS` ages out of a per-minute
   window (the vendors' plans count per minute, hour or day; the shortest is assumed), and lowers
-  the rate to :data:`DECREASE` times what was answered in that window. Each
-  :data:`WINDOW_SECONDS` without a 429 the rate grows again by :data:`GROWTH`, up to the
-  ``requests_per_minute`` ceiling when set. 429s of requests sent before the last decrease do
-  not lower it again.
+  the rate to :data:`DECREASE` times what was answered in that window (requests sent for other
+  processes on this budget's turns included). Each :data:`WINDOW_SECONDS` without a 429 the
+  rate grows again (see :meth:`RateBudget._raise`), never past the ``requests_per_minute``
+  ceiling when set. 429s of requests sent before the last decrease do not lower it again.
 
 :class:`RateBudget` holds those decisions with no I/O and no clock of its own;
 :class:`SharedBudget` serves waiting requests in the order they asked, on the event loop;
@@ -53,17 +53,21 @@ GROWTH = 1.05
 #: A rate the budget knows (the connection's, or what a window answered before a 429) is kept
 #: this much below, for network jitter to never squeeze one request too many into a window.
 HEADROOM = 0.97
+#: Each window without a 429, a rate set from too few answers (other processes spent most of
+#: the window) grows by this factor, until a 429 with enough answers teaches the plan.
+UNSURE_GROWTH = 1.5
 #: After a 429 the rate grows back to just below what was learnt; it probes past it only after
 #: this many windows without a 429 (a plan may have grown).
-PROBE_AFTER_WINDOWS = 10
+PROBE_AFTER_WINDOWS = 3
 #: The longest the budget waits for an answer it needs (the first of a key or of a window, or one
 #: of the slow start) before letting the next request go anyway: a hanging request holds up
 #: nothing for longer.
 ANSWER_PATIENCE = 2.0
 #: Requests wait this long past an announced reset, for the clocks of both sides to disagree.
 RESET_MARGIN = 0.5
-#: Fewer answers than this in a window say too little to set a rate from: the rate is only lowered.
-_ENOUGH_TO_LEARN = 3
+#: Fewer answers than this in a window say too little to set a rate from (other processes may
+#: have spent most of the window): the rate is lowered and probed back up quickly.
+_ENOUGH_TO_LEARN = 5
 #: Answers remembered for learning: more than any window's worth at the rates plans allow.
 _REMEMBERED = 4096
 
@@ -99,6 +103,8 @@ class RateBudget:
         self._lowered_at = -math.inf
         self._raised_at = -math.inf
         self._learnt: float | None = None  # requests a second a window answered before its 429
+        self._unsure = False  # the rate was set from too few answers to go by
+        self._refused_elsewhere_at = -math.inf
         self._refusals_in_row = 0
 
     def set_ceiling(self, requests_per_minute: float | None) -> None:
@@ -164,8 +170,16 @@ class RateBudget:
         return Ticket(now, self.granted)
 
     def release(self, ticket: Ticket) -> None:
-        """A granted request got no answer (it failed on the way, or was sent by another process)."""
+        """A granted request got no answer (it failed on the way)."""
         self._unanswered.pop(ticket.number, None)
+
+    def sent_elsewhere(self, ticket: Ticket, now: float) -> None:
+        """
+        Another process sends the request this turn was granted for (a worker's invoke, after its
+        task waited on the triggerer): counted as answered, since it spends the key's window.
+        """
+        self._unanswered.pop(ticket.number, None)
+        self._answered.append(now)
 
     def observe(
         self,
@@ -187,7 +201,7 @@ class RateBudget:
             return
         self._block(now, retry_after)
         counted = self.quota is not None and self.quota.remaining is not None
-        if not counted and ticket.granted_at >= self._lowered_at:
+        if not counted and retry_after is None and ticket.granted_at >= self._lowered_at:
             self._lower(now)
 
     def refused_elsewhere(
@@ -199,6 +213,7 @@ class RateBudget:
         """
         if quota is not None:
             self._take(quota, self.granted)
+        self._refused_elsewhere_at = now
         self._block(now, retry_after, in_row=False)
 
     def _block(self, now: float, retry_after: float | None, *, in_row: bool = True) -> None:
@@ -221,16 +236,22 @@ class RateBudget:
         self.blocked_until = max(self.blocked_until, until)
 
     def _lower(self, now: float) -> None:
-        """After a 429 sent at the current rate: the share of what the last window answered."""
+        """
+        After a 429 without a hint, to a request sent at the current rate: 90% of what the last
+        window answered, when it answered enough to go by and no other process was refused in
+        it. Otherwise (other processes may have spent much of the window) a known rate is lowered
+        by 10%, or none known set from the few answers, and probed back up quickly.
+        """
         answered = sum(1 for at in self._answered if at > now - WINDOW_SECONDS)
-        if answered >= _ENOUGH_TO_LEARN:
+        if answered >= _ENOUGH_TO_LEARN and self._refused_elsewhere_at < now - WINDOW_SECONDS:
             self._learnt = answered / WINDOW_SECONDS
             rate = DECREASE * self._learnt
             self.rate = rate if self.rate is None else min(self.rate * DECREASE, rate)
-        elif self.rate is not None:
-            self.rate *= DECREASE
-        if self.rate is not None:
-            self.rate = max(self.rate, 1.0 / WINDOW_SECONDS)
+            self._unsure = False
+        else:
+            rate = DECREASE * max(answered, 1) / WINDOW_SECONDS
+            self.rate = rate if self.rate is None else max(self.rate * DECREASE, rate)
+            self._unsure = True
         self._lowered_at = self._raised_at = now
 
     def _capacity_frees(self, now: float) -> float:
@@ -260,16 +281,23 @@ class RateBudget:
 
     def _raise(self, now: float) -> None:
         """
-        Probe back up: a learnt rate grows once per window without a 429, to just below what the
-        last 429 taught, and past it only after :data:`PROBE_AFTER_WINDOWS` quiet windows.
+        Probe back up, once per window without a 429: a rate learnt from a window that answered
+        enough grows by :data:`GROWTH` to just below what it taught, and past it after
+        :data:`PROBE_AFTER_WINDOWS` quiet windows (a window answering more raises what was
+        learnt); a rate set from too few answers grows by :data:`UNSURE_GROWTH` until a 429
+        teaches more. Never past ``requests_per_minute``.
         """
         if self.rate is None or now - self._raised_at < WINDOW_SECONDS:
             return
         self._raised_at = now
         cap = math.inf if self.ceiling is None else self.ceiling
-        if self._learnt is not None and now - self._lowered_at < PROBE_AFTER_WINDOWS * WINDOW_SECONDS:
-            cap = min(cap, HEADROOM * self._learnt)
-        self.rate = max(min(self.rate * GROWTH, cap), self.rate)
+        growth = UNSURE_GROWTH if self._unsure else GROWTH
+        if self._learnt is not None and not self._unsure:
+            answered = sum(1 for at in self._answered if at > now - WINDOW_SECONDS) / WINDOW_SECONDS
+            self._learnt = max(self._learnt, answered)
+            if now - self._lowered_at < PROBE_AFTER_WINDOWS * WINDOW_SECONDS:
+                cap = min(cap, HEADROOM * self._learnt)
+        self.rate = max(min(self.rate * growth, cap), self.rate)
 
 
 class SharedBudget:
@@ -337,6 +365,11 @@ class SharedBudget:
     def release(self, ticket: Ticket) -> None:
         """:meth:`RateBudget.release`, and wake the waiting requests."""
         self.policy.release(ticket)
+        self._changed.set()
+
+    def sent_elsewhere(self, ticket: Ticket) -> None:
+        """:meth:`RateBudget.sent_elsewhere` now, and wake the waiting requests."""
+        self.policy.sent_elsewhere(ticket, time.time())
         self._changed.set()
 
     def _withdraw(self, turn: asyncio.Future[Ticket]) -> Ticket | None:

@@ -73,9 +73,10 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
     On a rate-limited key no worker slot waits for the limit: an invoke answered HTTP 429 (which
     starts no run) defers the task until the key's request budget on the triggerer allows it,
     then the task invokes again from the worker, for up to 15 minutes of refusals. When the
-    connection sets ``requests_per_minute``, or the invoke's answer says less than half of the
-    key's window (or less than 100 requests) is left, a deferrable task leaves every status check
-    to the triggerer's budget instead of checking from the worker first.
+    connection sets ``requests_per_minute``, the invoke was refused before, or the invoke's answer
+    says less than half of the key's window (or less than 100 requests) is left, a deferrable
+    task leaves every status check to the triggerer's budget instead of checking from the worker
+    first.
 
     :param input: the parameters of the workflow's Start node (templated; a mapping once
         rendered).
@@ -392,11 +393,11 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
     def _quota_plentiful(self) -> bool:
         """
         Whether the worker may spend requests on its first status checks: no plan rate is set on
-        the connection, and the invoke's answer did not say the key's window is tight (less than
-        half, or less than 100 requests, left).
+        the connection, the task's invoke was not refused before, and the invoke's answer did not
+        say the key's window is tight (less than half, or less than 100 requests, left).
         """
-        if self.hook.get_settings().requests_per_minute is not None:
-            return False
+        if self.hook.get_settings().requests_per_minute is not None or self._refused_since is not None:
+            return False  # a plan rate is set, or this task's invoke was refused: the key is tight
         quota = self.hook.last_quota
         return quota is None or quota.plentiful
 

@@ -238,7 +238,7 @@ class AltaBotsBudgetTrigger(BaseTrigger):
         await asyncio.sleep(max(self.not_before - time.time(), 0.0))
         ticket, held = await budget.acquire(until=self.deadline)
         if ticket is not None:
-            budget.release(ticket)  # the worker sends this request, and reads its answer
+            budget.sent_elsewhere(ticket)  # the worker sends this request, and reads its answer
         self.log.info(
             "The request budget of connection %s's API key allows an invoke after %.1f s more; the task "
             "resumes to send it.",
