@@ -826,12 +826,9 @@ class Quota:
 
     @property
     def plentiful(self) -> bool:
-        """
-        At least half of the window's requests are left, and at least :data:`PLENTY_REQUESTS`
-        (or the headers do not say what is left).
-        """
+        """At least half of the window's requests are left, and at least :data:`PLENTY_REQUESTS`."""
         if self.remaining is None:
-            return True
+            return False
         return self.remaining >= max(PLENTY_REQUESTS, (self.limit or 0) / 2)
 
 
@@ -850,8 +847,8 @@ def quota(headers: Mapping[str, str], now: float | None = None) -> Quota | None:
     return Quota(limit, remaining, None if seconds is None else now + seconds)
 
 
-#: A window with fewer requests left than this is tight: a task spends none of them on checks it
-#: can leave to the triggerer's budget.
+#: A window with fewer requests left than this (or a plan rate under this many a minute) is
+#: tight: a task spends none of them on checks it can leave to the triggerer's budget.
 PLENTY_REQUESTS = 100
 #: The longest wait an answer's hint (``Retry-After``, ``X-RateLimit-Reset``) is believed for.
 MAX_HINT_SECONDS = 86400.0

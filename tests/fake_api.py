@@ -75,6 +75,11 @@ def accepted(run_id: str = "run-1") -> dict[str, Any]:
     }
 
 
+#: The ``X-RateLimit-*`` headers of an answer from a key with plenty of requests left: a
+#: deferrable task checks such a run from the worker before deferring.
+PLENTY = {"X-RateLimit-Limit": "1000", "X-RateLimit-Remaining": "990", "X-RateLimit-Reset": "3000"}
+
+
 def refused() -> requests.ConnectionError:
     """What ``requests`` raises when nothing listens: the request surely never left."""
     reason = urllib3.exceptions.NewConnectionError(None, "Connection refused")  # type: ignore[arg-type]

@@ -72,11 +72,10 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
 
     On a rate-limited key no worker slot waits for the limit: an invoke answered HTTP 429 (which
     starts no run) defers the task until the key's request budget on the triggerer allows it,
-    then the task invokes again from the worker, for up to 15 minutes of refusals. When the
-    connection sets ``requests_per_minute``, the invoke was refused before, or the invoke's answer
-    says less than half of the key's window (or less than 100 requests) is left, a deferrable
-    task leaves every status check to the triggerer's budget instead of checking from the worker
-    first.
+    then the task invokes again from the worker, for up to 15 minutes of refusals. A deferrable
+    task checks its run from the worker first only when the key is known to have plenty of
+    requests (see :meth:`_quota_plentiful`); otherwise every status check waits for the
+    triggerer's budget.
 
     :param input: the parameters of the workflow's Start node (templated; a mapping once
         rendered).
@@ -92,9 +91,10 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
         slot is held for the whole run and a lost answer cannot be resumed.
     :param wait_for_termination: wait for the run to end. ``False`` returns the run id at once.
     :param deferrable: wait on the triggerer instead of the worker (default: the
-        ``[operators] default_deferrable`` setting). The worker first checks the run for about
-        5 seconds (:data:`~airflow_provider_altabots.polling.CHECK_ON_WORKER_SECONDS`), so a run
-        that ends that soon never defers.
+        ``[operators] default_deferrable`` setting). When the key has plenty of requests, the
+        worker first checks the run for about 5 seconds
+        (:data:`~airflow_provider_altabots.polling.CHECK_ON_WORKER_SECONDS`), so a run that ends
+        that soon never defers.
     :param poll_interval: seconds before the first status check, and again before the second;
         later waits grow 1.5 times. At least 1 second.
     :param max_poll_interval: the longest wait between two status checks, in seconds.
@@ -392,14 +392,19 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
 
     def _quota_plentiful(self) -> bool:
         """
-        Whether the worker may spend requests on its first status checks: no plan rate is set on
-        the connection, the task's invoke was not refused before, and the invoke's answer did not
-        say the key's window is tight (less than half, or less than 100 requests, left).
+        Whether the worker may spend requests on its first status checks: only when the key is
+        known to have plenty (the invoke's ``X-RateLimit-*`` headers say at least half of the
+        window and 100 requests are left, or the connection's ``requests_per_minute`` is at least
+        100), and this task's invoke was never refused. A plan nobody described is taken for a
+        tight one: the vendors' smallest allow 3 requests a minute.
         """
-        if self.hook.get_settings().requests_per_minute is not None or self._refused_since is not None:
-            return False  # a plan rate is set, or this task's invoke was refused: the key is tight
+        if self._refused_since is not None:
+            return False
         quota = self.hook.last_quota
-        return quota is None or quota.plentiful
+        if quota is not None and quota.remaining is not None:
+            return quota.plentiful
+        rate = self.hook.get_settings().requests_per_minute
+        return rate is not None and rate >= protocol.PLENTY_REQUESTS
 
     def _started(self, context: Context, run_id: str, answer: Mapping[str, Any]) -> None:
         self.workflow_run_id = run_id

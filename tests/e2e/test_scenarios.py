@@ -391,7 +391,11 @@ def test_6_rate_limit_storm_and_5xx_bursts_are_ridden_out(postgres: Any, first_w
     for request in queries(d, "altabots_storm"):
         polls[request["body"]["workflowRunId"]].append(request)
     statuses = [r["status"] for rs in polls.values() for r in rs]
-    assert statuses.count(429) >= 5, "the storm did not happen"
+    # The key's budget on the triggerer paces the checks by the X-RateLimit-* headers, so the
+    # storm shows mostly in the workers' invokes (outside the budget), each answered 429 and
+    # deferred until the budget allowed it.
+    refused = [r for r in invokes(d, "altabots_storm") + queries(d, "altabots_storm") if r["status"] == 429]
+    assert len(refused) >= 5, "the storm did not happen"
     # The outages cover a fifth of the time; how many checks land in one is chance (6 to 10
     # seen): two are enough to test the backoff after a 5xx below.
     assert statuses.count(503) >= 2, "no 5xx burst happened"
@@ -412,7 +416,13 @@ def test_6_rate_limit_storm_and_5xx_bursts_are_ridden_out(postgres: Any, first_w
                 )
             else:
                 failures = 0
-    FIGURES["storm"] = {"429": statuses.count(429), "503": statuses.count(503), "polls": len(statuses)}
+    FIGURES["storm"] = {
+        "429": len(refused),
+        "429_to_polls": statuses.count(429),
+        "503": statuses.count(503),
+        "polls": len(statuses),
+        "invokes": len(invokes(d, "altabots_storm")),
+    }
 
 
 # -- 7. a FAILED run ------------------------------------------------------------------------------

@@ -221,7 +221,7 @@ def test_deferrable_operator_does_not_defer_a_run_that_ends_while_the_worker_che
 ):
     monkeypatch.setattr("airflow_provider_altabots.polling.CHECK_ON_WORKER_SECONDS", 3.0, raising=False)
     server.statuses("run-1", "PENDING", "RUNNING", "SUCCEED")
-    connect(server)
+    connect(server, requests_per_minute=6000)  # a plan with plenty: the worker checks first
     assert returns(operator(deferrable=True).execute, context) == {"answer": "42"}
     assert server.count(RESULT) >= 3
 
@@ -229,7 +229,7 @@ def test_deferrable_operator_does_not_defer_a_run_that_ends_while_the_worker_che
 def test_deferrable_operator_defers_after_checking_on_the_worker(server, connect, context, monkeypatch):
     monkeypatch.setattr("airflow_provider_altabots.polling.CHECK_ON_WORKER_SECONDS", 1.0, raising=False)
     server.default_statuses = ["RUNNING"]
-    connect(server)
+    connect(server, requests_per_minute=6000)  # a plan with plenty: the worker checks first
     start = time.monotonic()
     raises(TaskDeferred, operator(deferrable=True).execute, context)
     took = time.monotonic() - start

@@ -22,7 +22,7 @@ from airflow_provider_altabots.exceptions import (
 )
 from airflow_provider_altabots.operators.altabots import INVOKE_MARKER_KEY, AltaBotsRunWorkflowOperator
 from airflow_provider_altabots.triggers.altabots import AltaBotsBudgetTrigger, AltaBotsWorkflowRunTrigger
-from tests.fake_api import API_KEY, BASE_URL, INVOKE, RESULT, accepted, record, refused
+from tests.fake_api import API_KEY, BASE_URL, INVOKE, PLENTY, RESULT, accepted, record, refused
 
 STORE_KEY = AltaBotsRunWorkflowOperator.external_id_key
 
@@ -82,7 +82,7 @@ def test_polling_from_the_worker(api, context):
 
 def test_deferrable_checks_on_the_worker_first_then_defers(api, context):
     """Checks at 2 and 4 s from the worker (CHECK_ON_WORKER_SECONDS = 5), then the trigger takes over."""
-    api.on(INVOKE, (200, accepted("run-d")))
+    api.on(INVOKE, (200, accepted("run-d"), PLENTY))
     api.on(RESULT, (200, record("RUNNING", run_id="run-d")))
     op = operator(
         deferrable=True, poll_interval=2, max_poll_interval=40, timeout=600, max_consecutive_failures=5
@@ -109,7 +109,7 @@ def test_deferrable_checks_on_the_worker_first_then_defers(api, context):
 
 def test_a_run_that_ends_within_the_first_seconds_never_defers(api, context):
     """Issue 9's defer race: a short run is finished on the worker, so no trigger can race the deferral."""
-    api.on(INVOKE, (200, accepted("run-s")))
+    api.on(INVOKE, (200, accepted("run-s"), PLENTY))
     api.on(RESULT, (200, record("RUNNING", run_id="run-s")), (200, record("SUCCEED", run_id="run-s")))
     assert operator(deferrable=True).execute(context) == {"answer": "42"}
     assert api.count(RESULT) == 2
@@ -119,11 +119,13 @@ def test_a_run_that_ends_within_the_first_seconds_never_defers(api, context):
 @pytest.mark.parametrize(
     ("extra", "headers"),
     [
-        ({"requests_per_minute": 3}, {}),
+        ({"requests_per_minute": 3}, {"X-RateLimit-Limit": "3", "X-RateLimit-Remaining": "2"}),
         ({}, {"X-RateLimit-Limit": "1000", "X-RateLimit-Remaining": "499", "X-RateLimit-Reset": "30"}),
         ({}, {"X-RateLimit-Limit": "30", "X-RateLimit-Remaining": "29", "X-RateLimit-Reset": "30"}),
+        ({}, {}),
+        ({"requests_per_minute": 99}, {}),
     ],
-    ids=["plan-rate-set", "less-than-half-left", "less-than-100-left"],
+    ids=["plan-rate-set", "less-than-half-left", "less-than-100-left", "plan-unknown", "plan-rate-under-100"],
 )
 def test_on_a_tight_key_a_deferrable_task_leaves_every_check_to_the_triggerer(
     api, context, monkeypatch, extra, headers
@@ -140,16 +142,24 @@ def test_on_a_tight_key_a_deferrable_task_leaves_every_check_to_the_triggerer(
     assert context["task_state_store"].data[STORE_KEY] == "run-t"
 
 
-def test_plenty_left_in_the_window_keeps_the_first_checks_on_the_worker(api, context):
-    limits = {"X-RateLimit-Limit": "1000", "X-RateLimit-Remaining": "900", "X-RateLimit-Reset": "3000"}
-    api.on(INVOKE, (200, accepted("run-p"), limits))
+@pytest.mark.parametrize(
+    ("extra", "headers"), [({}, PLENTY), ({"requests_per_minute": 600}, {})], ids=["headers", "plan-rate"]
+)
+def test_a_key_known_to_have_plenty_keeps_the_first_checks_on_the_worker(
+    api, context, monkeypatch, extra, headers
+):
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_ALTABOTS_DEFAULT",
+        json.dumps({"conn_type": "altabots", "host": BASE_URL, "password": API_KEY, "extra": extra}),
+    )
+    api.on(INVOKE, (200, accepted("run-p"), headers))
     api.on(RESULT, (200, record("SUCCEED", run_id="run-p")))
     assert operator(deferrable=True).execute(context) == {"answer": "42"}
     assert api.count(RESULT) == 1
 
 
 def test_a_rate_limited_check_on_the_worker_hands_the_wait_over_at_once(api, context):
-    api.on(INVOKE, (200, accepted("run-h")))
+    api.on(INVOKE, (200, accepted("run-h"), PLENTY))
     api.on(RESULT, (429, {"code": 42900, "message": "slow"}, {"Retry-After": "30"}))
     with pytest.raises(TaskDeferred):
         operator(deferrable=True).execute(context)
