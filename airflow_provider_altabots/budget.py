@@ -18,7 +18,8 @@ the plan from three sources, best first:
   until the oldest answered request of the last :data:`WINDOW_SECONDS` ages out of a per-minute
   window (the vendors' plans count per minute, hour or day; the shortest is assumed), and lowers
   the rate to :data:`DECREASE` times what was answered in that window (requests sent for other
-  processes on this budget's turns included). Each :data:`WINDOW_SECONDS` without a 429 the
+  processes on this budget's turns included, and the workers' invokes of the runs whose
+  triggers started here). Each :data:`WINDOW_SECONDS` without a 429 the
   rate grows again (see :meth:`RateBudget._raise`), never past the ``requests_per_minute``
   ceiling when set. 429s of requests sent before the last decrease do not lower it again.
 
@@ -181,6 +182,15 @@ class RateBudget:
         self._unanswered.pop(ticket.number, None)
         self._answered.append(now)
 
+    def spent_elsewhere(self, at: float, now: float) -> None:
+        """
+        Another process spent a request of the key at ``at`` (a worker's invoke, learnt when its
+        run's trigger starts): counted in the window it fell in, so what a 429 teaches is the
+        key's whole window, not this process's share of it.
+        """
+        if now - WINDOW_SECONDS < at <= now:
+            self._answered.append(at)
+
     def observe(
         self,
         ticket: Ticket,
@@ -256,9 +266,9 @@ class RateBudget:
 
     def _capacity_frees(self, now: float) -> float:
         """When a per-minute window surely has room again; backs off while nothing gets through."""
-        recent = [at for at in self._answered if at > now - WINDOW_SECONDS]
+        recent = [at for at in self._answered if now - WINDOW_SECONDS < at <= now]
         if recent:
-            return recent[0] + WINDOW_SECONDS
+            return min(recent) + WINDOW_SECONDS
         return now + min(WINDOW_SECONDS, 2.0 ** max(self._refusals_in_row, 1))
 
     def _take(self, quota: Quota, number: int) -> None:
@@ -371,6 +381,10 @@ class SharedBudget:
         """:meth:`RateBudget.sent_elsewhere` now, and wake the waiting requests."""
         self.policy.sent_elsewhere(ticket, time.time())
         self._changed.set()
+
+    def spent_elsewhere(self, at: float) -> None:
+        """:meth:`RateBudget.spent_elsewhere`, as of now."""
+        self.policy.spent_elsewhere(at, time.time())
 
     def _withdraw(self, turn: asyncio.Future[Ticket]) -> Ticket | None:
         """A waiter leaves: a ticket granted meanwhile is kept (returned) or the turn cancelled."""

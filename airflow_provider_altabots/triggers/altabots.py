@@ -114,6 +114,9 @@ class AltaBotsWorkflowRunTrigger(BaseTrigger):
         )
         try:
             async with hook.shared_client():
+                if self.started_at is not None:
+                    # The worker's invoke spent a request of the key: the budget counts it.
+                    BUDGETS.of(await hook.aget_settings()).spent_elsewhere(self.started_at)
                 wait = 0.0 if self.not_before is None else self.not_before - time.time()
                 delay: float | None = watch.first_delay(at_least=wait)
                 while delay is not None:

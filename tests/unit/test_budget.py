@@ -239,6 +239,18 @@ def test_a_learnt_rate_grows_back_gently_below_what_was_learnt_then_up_to_the_pl
     assert budget.rate == pytest.approx(HEADROOM * 1.0)  # probing went on, up to the plan rate
 
 
+def test_invokes_of_other_processes_count_in_what_a_429_teaches():
+    budget = RateBudget()
+    for second in range(20):  # workers invoked 20 runs, whose triggers started here
+        budget.spent_elsewhere(T0 + second, T0 + 20)
+    budget.spent_elsewhere(T0 - 61, T0 + 20)  # too old to be in the window: not counted
+    for second in range(20, 30):
+        budget.observe(budget.grant(T0 + second), T0 + second, refused=False)
+    budget.observe(budget.grant(T0 + 31), T0 + 31, refused=True)
+    assert budget.rate == pytest.approx(0.9 * 30 / 60)
+    assert budget.ready_at(T0 + 31) == T0 + 60  # the first invoke leaves the minute
+
+
 def test_a_rate_set_from_few_answers_is_probed_back_up_quickly():
     budget = RateBudget()
     for second in range(3):  # other processes may have spent the window: this one got 3 answers
