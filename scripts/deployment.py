@@ -674,10 +674,17 @@ class Deployment:
         """Names of the components, in start order."""
         return list(self._components)
 
-    def start_triggerer(self, name: str) -> None:
-        """Start another triggerer process; return once it has heartbeated."""
+    def start_triggerer(self, name: str, capacity: int | None = None) -> None:
+        """
+        Start another triggerer process; return once it has heartbeated.
+
+        :param capacity: the most triggers it runs at once (``airflow triggerer --capacity``);
+            Airflow's default when ``None``.
+        """
         self._require_running()
         argv = [str(self.airflow_bin / "airflow"), "triggerer", "--skip-serve-logs"]
+        if capacity is not None:
+            argv += ["--capacity", str(capacity)]
         component = self._add(name, "triggerer", argv)
         self._launch(component)
         self._wait_ready(component)
