@@ -107,11 +107,11 @@ def emulator(emulator_process: EmulatorProcess, airflow_db: None, monkeypatch) -
     return emulator_process
 
 
-def use_key(monkeypatch, emulator: EmulatorProcess, key: str) -> None:
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_ALTABOTS_DEFAULT",
-        json.dumps({"conn_type": "altabots", "host": emulator.url, "password": key}),
-    )
+def use_key(monkeypatch, emulator: EmulatorProcess, key: str, **extra: Any) -> None:
+    fields: dict[str, Any] = {"conn_type": "altabots", "host": emulator.url, "password": key}
+    if extra:
+        fields["extra"] = extra
+    monkeypatch.setenv("AIRFLOW_CONN_ALTABOTS_DEFAULT", json.dumps(fields))
 
 
 @dataclass

@@ -26,7 +26,6 @@ WEBHOOK_TOKEN = "whk-token-51c0e7d9a3"
 
 
 def test_deferrable_mode(emulator, run_dag, monkeypatch):
-    # Long enough to outlast the worker's first checks (CHECK_ON_WORKER_SECONDS), so it defers.
     emulator.set_workflow(API_KEY, run_seconds=7, pending_seconds=0.1)
     # dag.test() runs the trigger in-process, where Airflow's defer race cannot happen.
     monkeypatch.setattr(polling, "DEFERRAL_MARGIN", 1.0)
@@ -53,8 +52,11 @@ def test_deferrable_mode(emulator, run_dag, monkeypatch):
     assert f"Workflow output: {output}" in result.printed
 
 
-def test_a_short_run_of_a_deferrable_task_ends_on_the_worker(emulator, run_dag):
+def test_a_short_run_of_a_deferrable_task_ends_on_the_worker_when_the_key_has_plenty(
+    emulator, run_dag, monkeypatch
+):
     """A run over within the worker's first checks never defers (issue 9's defer race)."""
+    use_key(monkeypatch, emulator, API_KEY, requests_per_minute=600)  # a plan with plenty
     emulator.set_workflow(API_KEY, run_seconds=1, pending_seconds=0.1)
     result = run_dag("example_altabots_deferrable")
     assert result.run.state == "success"
@@ -62,6 +64,21 @@ def test_a_short_run_of_a_deferrable_task_ends_on_the_worker(emulator, run_dag):
     assert "Pausing task as DEFERRED" not in result.printed
     assert result.xcom("summarize_news", "workflow_run")["status"] == "SUCCEED"
     assert len(emulator.invokes()) == 1
+
+
+def test_a_deferrable_task_on_an_undescribed_plan_defers_at_once(emulator, run_dag, monkeypatch):
+    """The emulator sends no rate-limit header: the key is taken for a tight one, so no check
+    is spent from the worker, and the run comes back with its record in the trigger's event."""
+    emulator.set_workflow(API_KEY, run_seconds=1, pending_seconds=0.1)
+    monkeypatch.setattr(polling, "DEFERRAL_MARGIN", 1.0)
+    result = run_dag("example_altabots_deferrable")
+    assert result.run.state == "success"
+    assert "Pausing task as DEFERRED" in result.printed
+    assert result.xcom("summarize_news", "workflow_run")["status"] == "SUCCEED"
+    (invoke,) = emulator.invokes()
+    checks = emulator.queries()
+    assert checks  # all from the trigger; the worker published the record its event carried
+    assert all(check["time"] - invoke["time"] >= 1.0 for check in checks)
 
 
 def test_poll_mode(emulator, run_dag):
