@@ -8,13 +8,18 @@ import pytest
 from tests.fake_api import API_KEY, BASE_URL, FakeAPI
 
 
+def connect_fake_api(monkeypatch, **extra: Any) -> None:
+    """Point ``altabots_default`` at the fake API, with these connection extras."""
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_ALTABOTS_DEFAULT",
+        json.dumps({"conn_type": "altabots", "host": BASE_URL, "password": API_KEY, "extra": extra}),
+    )
+
+
 @pytest.fixture
 def api(mocker, monkeypatch) -> FakeAPI:
     """The fake API, and an ``altabots_default`` connection pointing at it."""
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_ALTABOTS_DEFAULT",
-        json.dumps({"conn_type": "altabots", "host": BASE_URL, "password": API_KEY}),
-    )
+    connect_fake_api(monkeypatch)
     fake = FakeAPI()
     fake.install(mocker)
     mocker.patch("time.sleep")  # waits are asserted on, never slept

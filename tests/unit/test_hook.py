@@ -18,6 +18,7 @@ from airflow_provider_altabots.exceptions import (
 from airflow_provider_altabots.hooks import altabots as hook_module
 from airflow_provider_altabots.hooks.altabots import AltaBotsHook
 from tests.fake_api import API_KEY, BASE_URL, INVOKE, RESULT, VERIFY, accepted, record, refused
+from tests.unit.conftest import connect_fake_api
 
 
 def test_invoke_sends_the_documented_request(api):
@@ -205,17 +206,7 @@ def test_different_connections_do_not_share_a_client(api, mocker, monkeypatch):
 def test_a_burst_of_checks_waits_outside_the_pool(api, mocker, monkeypatch):
     """However many triggers check at once, at most ASYNC_GATE_WIDTH requests reach httpx's pool."""
     # A key whose plan is known (and generous) skips the budget's slow start of an unknown key.
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_ALTABOTS_DEFAULT",
-        json.dumps(
-            {
-                "conn_type": "altabots",
-                "host": BASE_URL,
-                "password": API_KEY,
-                "extra": {"requests_per_minute": 60000},
-            }
-        ),
-    )
+    connect_fake_api(monkeypatch, requests_per_minute=60000)
     in_flight, most, sent = 0, 0, 0
 
     async def slow(transport, request):

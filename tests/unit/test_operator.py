@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import inspect
-import json
 import subprocess
 import sys
 import time
@@ -22,7 +21,8 @@ from airflow_provider_altabots.exceptions import (
 )
 from airflow_provider_altabots.operators.altabots import INVOKE_MARKER_KEY, AltaBotsRunWorkflowOperator
 from airflow_provider_altabots.triggers.altabots import AltaBotsBudgetTrigger, AltaBotsWorkflowRunTrigger
-from tests.fake_api import API_KEY, BASE_URL, INVOKE, PLENTY, RESULT, accepted, record, refused
+from tests.fake_api import INVOKE, PLENTY, RESULT, accepted, record, refused
+from tests.unit.conftest import connect_fake_api
 
 STORE_KEY = AltaBotsRunWorkflowOperator.external_id_key
 
@@ -130,10 +130,7 @@ def test_a_run_that_ends_within_the_first_seconds_never_defers(api, context):
 def test_on_a_tight_key_a_deferrable_task_leaves_every_check_to_the_triggerer(
     api, context, monkeypatch, extra, headers
 ):
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_ALTABOTS_DEFAULT",
-        json.dumps({"conn_type": "altabots", "host": BASE_URL, "password": API_KEY, "extra": extra}),
-    )
+    connect_fake_api(monkeypatch, **extra)
     api.on(INVOKE, (200, accepted("run-t"), headers))
     with pytest.raises(TaskDeferred) as deferred:
         operator(deferrable=True).execute(context)
@@ -148,10 +145,7 @@ def test_on_a_tight_key_a_deferrable_task_leaves_every_check_to_the_triggerer(
 def test_a_key_known_to_have_plenty_keeps_the_first_checks_on_the_worker(
     api, context, monkeypatch, extra, headers
 ):
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_ALTABOTS_DEFAULT",
-        json.dumps({"conn_type": "altabots", "host": BASE_URL, "password": API_KEY, "extra": extra}),
-    )
+    connect_fake_api(monkeypatch, **extra)
     api.on(INVOKE, (200, accepted("run-p"), headers))
     api.on(RESULT, (200, record("SUCCEED", run_id="run-p")))
     assert operator(deferrable=True).execute(context) == {"answer": "42"}
