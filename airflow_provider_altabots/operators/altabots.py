@@ -53,9 +53,10 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
     True            any                   any         one invoke that answers when the run ends; holds
                                                       a worker slot for the whole run
     False           True                  False       invoke, then poll from the worker
-    False           True                  True        invoke on the worker, check for a few seconds,
-                                                      defer; the triggerer polls; the worker resumes
-                                                      to fetch the output
+    False           True                  True        invoke on the worker (check for a few seconds
+                                                      when the key has plenty of requests), defer;
+                                                      the triggerer polls; the worker resumes to
+                                                      publish the record the event carries
     False           False                 any         invoke and return the run id (wait later with
                                                       ``AltaBotsWorkflowRunSensor``)
     ==============  ====================  ==========  ===============================================
