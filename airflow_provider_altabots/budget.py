@@ -252,7 +252,7 @@ class RateBudget:
         it. Otherwise (other processes may have spent much of the window) a known rate is lowered
         by 10%, or none known set from the few answers, and probed back up quickly.
         """
-        answered = sum(1 for at in self._answered if at > now - WINDOW_SECONDS)
+        answered = len(self._in_window(now))
         if answered >= _ENOUGH_TO_LEARN and self._refused_elsewhere_at < now - WINDOW_SECONDS:
             self._learnt = answered / WINDOW_SECONDS
             rate = DECREASE * self._learnt
@@ -264,9 +264,13 @@ class RateBudget:
             self._unsure = True
         self._lowered_at = self._raised_at = now
 
+    def _in_window(self, now: float) -> list[float]:
+        """When the requests counted in the last :data:`WINDOW_SECONDS` were answered (or sent elsewhere)."""
+        return [at for at in self._answered if now - WINDOW_SECONDS < at <= now]
+
     def _capacity_frees(self, now: float) -> float:
         """When a per-minute window surely has room again; backs off while nothing gets through."""
-        recent = [at for at in self._answered if now - WINDOW_SECONDS < at <= now]
+        recent = self._in_window(now)
         if recent:
             return min(recent) + WINDOW_SECONDS
         return now + min(WINDOW_SECONDS, 2.0 ** max(self._refusals_in_row, 1))
@@ -303,7 +307,7 @@ class RateBudget:
         cap = math.inf if self.ceiling is None else self.ceiling
         growth = UNSURE_GROWTH if self._unsure else GROWTH
         if self._learnt is not None and not self._unsure:
-            answered = sum(1 for at in self._answered if at > now - WINDOW_SECONDS) / WINDOW_SECONDS
+            answered = len(self._in_window(now)) / WINDOW_SECONDS
             self._learnt = max(self._learnt, answered)
             if now - self._lowered_at < PROBE_AFTER_WINDOWS * WINDOW_SECONDS:
                 cap = min(cap, HEADROOM * self._learnt)

@@ -257,14 +257,17 @@ class AltaBotsHook(BaseHook):
             if isinstance(error, AltaBotsError):
                 metrics.request_sent(settings, request, None)
             raise
-        refused = answer.status == 429
-        budget.observe(
-            ticket,
-            refused=refused,
-            quota=protocol.quota(answer.headers),
-            retry_after=protocol.retry_after(answer.headers) if refused else None,
-        )
-        return self._read(settings, request, answer)
+        try:
+            return self._read(settings, request, answer)
+        finally:
+            # _read has taken the answer's X-RateLimit-* figures into last_quota, 429 or not.
+            refused = answer.status == 429
+            budget.observe(
+                ticket,
+                refused=refused,
+                quota=self.last_quota,
+                retry_after=protocol.retry_after(answer.headers) if refused else None,
+            )
 
     def _read(
         self, settings: protocol.ConnectionSettings, request: protocol.ApiRequest, answer: transport.Answer
