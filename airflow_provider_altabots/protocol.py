@@ -41,6 +41,12 @@ from email.utils import parsedate_to_datetime
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from airflow_provider_altabots.connection_form import (
+    AUTH_SCHEMES,
+    DEFAULT_REQUEST_TIMEOUT,
+    MAX_ANSWER_BYTES,
+    MAX_REQUESTS_PER_MINUTE,
+)
 from airflow_provider_altabots.exceptions import (
     AltaBotsApiError,
     AltaBotsAuthError,
@@ -58,21 +64,9 @@ VERIFY_PATH = "/v1/api-key/verify"
 #: is accepted and the prefix dropped, so requests do not go to ``/v1/v1/...``.
 API_PREFIX = "/v1"
 
-#: ``auth_scheme`` values: ``bearer`` sends ``Authorization: Bearer <key>`` (newer pages);
-#: ``raw`` sends ``Authorization: <key>`` (older pages).
-AUTH_SCHEMES = ("bearer", "raw")
-#: Seconds one request may take in all (connect, send and every read), unless the connection's
-#: ``timeout`` extra says otherwise.
-DEFAULT_REQUEST_TIMEOUT = 30.0
 #: The most seconds any duration a user types may hold (a year): beyond it a number is a mistake
 #: (``1e300`` overflows the socket layer); ``timeout=None`` is the way to wait without limit.
 MAX_SECONDS = 366 * 24 * 3600.0
-#: The largest answer read, in bytes after decompression (connection extra ``max_answer_bytes``).
-#: A run record is its output plus a few fields; 8 MiB holds any text output a workflow is likely
-#: to give, while a runaway or hostile answer cannot fill a worker's memory or the XCom table.
-MAX_ANSWER_BYTES = 8 * 1024 * 1024
-#: The highest ``requests_per_minute`` accepted: a thousand requests a second.
-MAX_REQUESTS_PER_MINUTE = 60_000.0
 
 #: The longest run id accepted. The vendor's ids are short (its pages show 8-character
 #: placeholders; UUIDs are 36); anything this long is a broken answer, not an id to store.
@@ -160,6 +154,8 @@ class ConnectionSettings:
         base_url = _base_url(conn_id, host, port)
         if not isinstance(extra, Mapping):
             raise AltaBotsConfigError(f"Connection {conn_id!r}: extra must be a JSON object.")
+        # A form leaves a field it was not given empty (or null): that means the default.
+        extra = {key: value for key, value in extra.items() if value is not None and value != ""}
         scheme = str(extra.get("auth_scheme") or "bearer").strip().lower()
         if scheme not in AUTH_SCHEMES:
             raise AltaBotsConfigError(
@@ -173,7 +169,7 @@ class ConnectionSettings:
             extra.get("max_answer_bytes", MAX_ANSWER_BYTES), f"Connection {conn_id!r}: extra max_answer_bytes"
         )
         rate = extra.get("requests_per_minute")
-        if rate is not None and rate != "":
+        if rate is not None:
             rate = positive_number(
                 rate, f"Connection {conn_id!r}: extra requests_per_minute", MAX_REQUESTS_PER_MINUTE
             )

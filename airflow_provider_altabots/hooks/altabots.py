@@ -61,6 +61,20 @@ class AltaBotsHook(BaseHook):
     conn_type = "altabots"
     hook_name = "AltaBots"
 
+    @classmethod
+    def get_connection_form_widgets(cls) -> dict[str, Any]:
+        """The form's extra fields on Airflow 2.11 to 3.1 (3.2 and later read ``conn-fields``)."""
+        from airflow_provider_altabots.connection_form import form_widgets
+
+        return form_widgets()
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        """Labels and hidden fields of the form on Airflow 2.11 to 3.1 (same source as 3.2+)."""
+        from airflow_provider_altabots.connection_form import hook_field_behaviour
+
+        return hook_field_behaviour()
+
     def __init__(self, altabots_conn_id: str = default_conn_name) -> None:
         super().__init__()
         self.altabots_conn_id = altabots_conn_id

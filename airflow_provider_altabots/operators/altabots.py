@@ -41,6 +41,12 @@ if TYPE_CHECKING:
 _UNREADABLE = "UNREADABLE"
 #: Task-state-store key present while an invoke's answer is outstanding.
 INVOKE_MARKER_KEY = "altabots_invoke_unanswered"
+#: Said once in each try's log on Airflow below 3.3, where a retry cannot resume a run.
+NO_STATE_STORE = (
+    "This Airflow has no task state store (it arrived in Airflow 3.3), so a retry of this task "
+    "cannot resume the workflow run this try starts: it invokes a new run, billed again. The run "
+    "id goes to the log and to XCom (workflow_run_id) as soon as the invoke answers."
+)
 
 
 class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperator):
@@ -188,6 +194,8 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
             self.input, user_id=self.user_id, webhooks=self._webhooks, is_async=not self.sync_invoke
         )
         self.hook.get_settings()
+        if "task_state_store" not in context and self._refused_since is None:
+            self.log.warning(NO_STATE_STORE)
         if self.sync_invoke:
             return self._execute_sync_invoke(context)
         return self.execute_resumable(context)

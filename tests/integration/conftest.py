@@ -133,7 +133,10 @@ TEST_DAGS = Path(__file__).parent / "dags"
 
 def load_dag(dag_id: str, folder: Path = EXAMPLES, file: str | None = None) -> Any:
     """A freshly parsed DAG (tests may change its tasks without affecting others)."""
-    from airflow.dag_processing.dagbag import DagBag
+    try:
+        from airflow.dag_processing.dagbag import DagBag
+    except ImportError:  # Airflow before 3.2
+        from airflow.models.dagbag import DagBag  # type: ignore[no-redef]
 
     bag = DagBag(str(folder / f"{file or dag_id}.py"))
     assert bag.import_errors == {}

@@ -19,7 +19,11 @@ from airflow_provider_altabots.exceptions import (
     AltaBotsStatusUnknown,
     AltaBotsTransientError,
 )
-from airflow_provider_altabots.operators.altabots import INVOKE_MARKER_KEY, AltaBotsRunWorkflowOperator
+from airflow_provider_altabots.operators.altabots import (
+    INVOKE_MARKER_KEY,
+    NO_STATE_STORE,
+    AltaBotsRunWorkflowOperator,
+)
 from airflow_provider_altabots.triggers.altabots import AltaBotsBudgetTrigger, AltaBotsWorkflowRunTrigger
 from tests.fake_api import INVOKE, PLENTY, RESULT, accepted, record, refused
 from tests.unit.conftest import connect_fake_api
@@ -330,6 +334,27 @@ def test_without_a_state_store_the_run_id_still_reaches_xcom_at_once(api):
     with pytest.raises(TaskDeferred):
         operator(deferrable=True).execute(context)
     assert context["ti"].xcom["workflow_run_id"] == "run-x"
+
+
+def test_without_a_state_store_the_log_says_once_what_a_retry_does(api, capsys):
+    """Below Airflow 3.3 the task log says, once per try, that a retry pays for a new run."""
+    from tests.unit.conftest import FakeTI
+
+    api.on(INVOKE, (200, accepted("run-x")))
+    api.on(RESULT, (200, record("SUCCEED", run_id="run-x")))
+    operator(deferrable=False).execute({"ti": FakeTI()})
+    printed = capsys.readouterr().out
+    assert printed.count(NO_STATE_STORE) == 1
+    assert "invokes a new run, billed again" in NO_STATE_STORE
+
+
+def test_with_a_state_store_nothing_is_said_about_retries(api, context, capsys):
+    api.on(INVOKE, (200, accepted("run-y")))
+    api.on(RESULT, (200, record("SUCCEED", run_id="run-y")))
+    operator(deferrable=False).execute(context)
+    printed = capsys.readouterr().out
+    assert "run-y" in printed  # the log is captured
+    assert "no task state store" not in printed
 
 
 # -- invoke retries: only where no run can have started ------------------------------------------

@@ -1,0 +1,227 @@
+"""
+``make test-compat``: the provider on the other Airflow lines and Pythons it supports.
+
+Each target gets a virtualenv of its own under ``.venv-compat/``, built from committed pins, and
+runs part of the test suite there, against the provider's built wheel:
+
+- Airflow 2.11, 3.0, 3.1 and 3.2 on Python 3.11: ``constraints/airflow-<line>.txt`` installed as
+  it is (that line's Airflow as its users got it, see ``scripts/constraints.py``); then a check
+  that ``pip install <wheel>`` next to it keeps that Airflow; then the registration tests, the
+  connection form, and every example DAG against the emulator (a FAILED run and a mapped run
+  included).
+- Airflow 3.3 on Python 3.12 and 3.13, from ``constraints.txt``: every example DAG. An
+  interpreter that is not found is skipped, and the summary says so loudly.
+
+A virtualenv is rebuilt only when its pins, the wheel or the interpreter change. Targets run two
+at a time; each one's output is kept in ``.venv-compat/<target>.log``.
+
+Usage: ``python scripts/compat.py WHEEL [TARGET ...]``
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+HOME = REPO / ".venv-compat"
+PIP_FLAGS = ("--quiet", "--disable-pip-version-check")
+
+REGISTRATION = ("tests/test_registration.py",)
+EXAMPLE_DAGS = ("tests/integration/test_example_dags.py",)
+#: The distributions that make up "the user's Airflow": installing the provider must not move them.
+AIRFLOW_DISTRIBUTIONS = {"apache-airflow", "apache-airflow-core", "apache-airflow-task-sdk"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One virtualenv: an Airflow line on one Python, and the tests it runs."""
+
+    name: str
+    python: str
+    #: Installed as it is (``-r``): the line's whole pinned set.
+    pins: Path | None
+    #: Or: these constraints, with Airflow and the wheel resolved under them.
+    constraints: Path | None
+    tests: tuple[str, ...]
+
+    @property
+    def venv(self) -> Path:
+        return HOME / self.name
+
+    @property
+    def log(self) -> Path:
+        return HOME / f"{self.name}.log"
+
+
+TARGETS = [
+    *(
+        Target(
+            f"airflow-{line}",
+            "3.11",
+            REPO / "constraints" / f"airflow-{line}.txt",
+            None,
+            REGISTRATION + EXAMPLE_DAGS,
+        )
+        for line in ("2.11", "3.0", "3.1", "3.2")
+    ),
+    *(
+        Target(f"airflow-3.3-py{python}", python, None, REPO / "constraints.txt", EXAMPLE_DAGS)
+        for python in ("3.12", "3.13")
+    ),
+]
+
+
+@dataclass
+class Outcome:
+    target: Target
+    status: str  # "passed", "failed", "skipped"
+    detail: str = ""
+    airflow: str = ""
+    install_seconds: float = 0.0
+    test_seconds: float = 0.0
+
+
+def find_python(version: str) -> str:
+    found = subprocess.run(
+        [str(REPO / "scripts" / "find-python"), version], text=True, stdout=subprocess.PIPE, check=False
+    )
+    return found.stdout.strip()
+
+
+def fingerprint(target: Target, python: str, wheel: Path) -> str:
+    digest = hashlib.sha256(python.encode())
+    for path in (target.pins, target.constraints, wheel):
+        if path is not None:
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+class Step:
+    """Runs commands for one target, appending their output to its log."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.log = target.log.open("a")
+
+    def __call__(self, *args: str | Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+        command = [str(arg) for arg in args]
+        self.log.write(f"\n$ {' '.join(command)}\n")
+        self.log.flush()
+        done = subprocess.run(command, stdout=self.log, stderr=subprocess.STDOUT, check=False, **kwargs)
+        if check and done.returncode:
+            raise RuntimeError(f"{command[0]} {' '.join(command[1:4])} ... exited with {done.returncode}")
+        return done
+
+
+def keeps_airflow(step: Step, python: Path, wheel: Path) -> str:
+    """Ask pip what installing the wheel would change; fail if it would move Airflow."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp, "report.json")
+        step(python, "-m", "pip", "install", *PIP_FLAGS, "--dry-run", "--report", report, wheel)
+        planned = [item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]]
+    moved = sorted(AIRFLOW_DISTRIBUTIONS.intersection(planned))
+    if moved:
+        raise RuntimeError(f"pip install of the provider would change the user's Airflow: {moved}")
+    if "airflow-provider-altabots" not in planned:
+        raise RuntimeError(f"pip's dry run did not plan the provider itself: {planned}")
+    return ", ".join(planned)
+
+
+def build(target: Target, python: str, wheel: Path) -> None:
+    step = Step(target)
+    stamp = target.venv / ".installed"
+    wanted = fingerprint(target, python, wheel)
+    if stamp.exists() and stamp.read_text() == wanted:
+        step.log.write("virtualenv up to date\n")
+        return
+    shutil.rmtree(target.venv, ignore_errors=True)
+    step(python, "-m", "venv", target.venv)
+    venv_python = target.venv / "bin" / "python"
+    if target.pins is not None:
+        step(venv_python, "-m", "pip", "install", *PIP_FLAGS, "-r", target.pins)
+        planned = keeps_airflow(step, venv_python, wheel)
+        step.log.write(f"pip install of the wheel would install only: {planned}\n")
+        step(venv_python, "-m", "pip", "install", *PIP_FLAGS, "--no-deps", wheel)
+    else:
+        assert target.constraints is not None
+        step(venv_python, "-m", "pip", "install", *PIP_FLAGS, "-c", target.constraints,
+             "apache-airflow", f"airflow-provider-altabots[test] @ {wheel.resolve().as_uri()}")
+    step(venv_python, "-m", "pip", "check")
+    stamp.write_text(wanted)
+
+
+def run_target(target: Target, wheel: Path) -> Outcome:
+    python = find_python(target.python)
+    if not python:
+        return Outcome(target, "skipped", f"no Python {target.python} interpreter was found")
+    target.log.unlink(missing_ok=True)
+    started = time.monotonic()
+    try:
+        build(target, python, wheel)
+    except (RuntimeError, subprocess.SubprocessError, OSError) as error:
+        return Outcome(target, "failed", f"install: {error}", install_seconds=time.monotonic() - started)
+    installed = time.monotonic()
+    venv_python = target.venv / "bin" / "python"
+    airflow = subprocess.run(
+        [str(venv_python), "-c", "from importlib.metadata import version; print(version('apache-airflow'))"],
+        text=True, stdout=subprocess.PIPE, check=False,
+    ).stdout.strip()
+    step = Step(target)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("AIRFLOW")}
+    done = step(venv_python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *target.tests,
+                check=False, cwd=REPO, env=env)
+    summary = target.log.read_text().rstrip().splitlines()[-1:] or [""]
+    return Outcome(
+        target,
+        "passed" if done.returncode == 0 else "failed",
+        summary[0].strip("= "),
+        airflow,
+        installed - started,
+        time.monotonic() - installed,
+    )
+
+
+def main() -> int:
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    wheel = Path(sys.argv[1]).resolve()
+    if not wheel.is_file():
+        sys.exit(f"no wheel at {sys.argv[1]}")
+    chosen = sys.argv[2:]
+    targets = [t for t in TARGETS if not chosen or t.name in chosen]
+    HOME.mkdir(exist_ok=True)
+    print(f"make test-compat: {len(targets)} targets, two at a time; logs in .venv-compat/", flush=True)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        outcomes = list(pool.map(lambda target: run_target(target, wheel), targets))
+    print(f"\n{'target':<22} {'Airflow':<8} {'result':<8} {'install s':>9} {'tests s':>8}  detail")
+    for o in outcomes:
+        print(
+            f"{o.target.name:<22} {o.airflow or '-':<8} {o.status.upper():<8} "
+            f"{o.install_seconds:>9.0f} {o.test_seconds:>8.0f}  {o.detail}"
+        )
+    for o in outcomes:
+        if o.status == "failed":
+            print(f"\n---- {o.target.name}: last lines of {o.target.log.relative_to(REPO)} ----")
+            print("\n".join(o.target.log.read_text(errors="replace").splitlines()[-40:]))
+    skipped = [o for o in outcomes if o.status == "skipped"]
+    if skipped:
+        print("\n" + "!" * 78)
+        for o in skipped:
+            print(f"SKIPPED {o.target.name}: {o.detail}. Install that Python (pyenv, uv python, or the")
+            print("  system's package) to test it; make test-compat looks on PATH and in pyenv's and uv's folders.")
+        print("!" * 78)
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
