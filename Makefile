@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a machine with only Python 3.11+:
 #   make demo   run the deferrable example DAG against the local emulator
-#   make test   the whole test suite: lint, unit, integration, and the end-to-end deployment suite
+#   make test   the whole test suite: lint, the built distributions, unit, integration, and the
+#               end-to-end deployment suite
 #   make bench  the benchmarks (not part of make test), written to BENCHMARKS.md
 # Everything is created on first use and redone only when its inputs change.
 
@@ -29,14 +30,17 @@ BENCH_INSTALLED := $(BENCH_VENV)/.installed
 BENCH_PACKAGES := apache-airflow-providers-dbt-cloud==4.11.1 apache-airflow-providers-airbyte==6.2.0 \
 	apache-airflow-providers-http==6.3.0 matplotlib==3.11.2
 
-.PHONY: demo test lint unit e2e e2e-env postgres deployment bench bench-rate-limits install constraints clean
+.PHONY: demo test lint dist unit e2e e2e-env postgres deployment bench bench-rate-limits install constraints clean
 
 $(BIN)/python:
 	@test -n "$(PYTHON)" || { echo "make: Python 3.11 or newer is needed (python3.11, python3.12 or python3.13)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 
+# The provider with its test extra, and the developers' tools of the dev dependency group, which
+# pip installs from 25.1 on.
 $(INSTALLED): pyproject.toml constraints.txt | $(BIN)/python
-	$(BIN)/python -m pip install $(PIP_FLAGS) -c constraints.txt "$(AIRFLOW)" -e ".[test]"
+	$(BIN)/python -m pip install $(PIP_FLAGS) "pip>=25.1"
+	$(BIN)/python -m pip install $(PIP_FLAGS) -c constraints.txt "$(AIRFLOW)" -e ".[test]" --group dev
 	@touch $@
 
 install: $(INSTALLED)
@@ -70,13 +74,21 @@ lint: $(INSTALLED)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# The sdist and the wheel a release would upload, into a clean dist/, checked as the package index
+# checks them. Built with the setuptools pinned in .venv rather than in a fresh isolated
+# environment: no download, the same setuptools on every machine, about a second.
+dist: $(INSTALLED)
+	rm -rf dist
+	$(BIN)/python -m build --quiet --no-isolation --outdir dist .
+	$(BIN)/twine check --strict dist/*
+
 unit: $(INSTALLED)
 	$(BIN)/python -m pytest --ignore=tests/e2e
 
 e2e: $(INSTALLED) e2e-env postgres
 	$(BIN)/python -m pytest tests/e2e
 
-test: lint e2e-env postgres
+test: lint dist e2e-env postgres
 	$(BIN)/python -m pytest
 
 # A running deployment to look at by hand: PostgreSQL, emulator, API server, scheduler,
@@ -114,11 +126,12 @@ bench-rate-limits: $(INSTALLED) e2e-env postgres
 constraints:
 	rm -rf .venv-constraints
 	$(PYTHON) -m venv .venv-constraints
-	.venv-constraints/bin/pip install $(PIP_FLAGS) "$(AIRFLOW)" -e ".[test]"
+	.venv-constraints/bin/python -m pip install $(PIP_FLAGS) "pip>=25.1"
+	.venv-constraints/bin/pip install $(PIP_FLAGS) "$(AIRFLOW)" -e ".[test]" --group dev
 	{ echo "# Versions make test and make demo install (pip install -c constraints.txt)."; \
 	  echo "# Resolved for $(AIRFLOW) on Python 3.11; regenerate with: make constraints"; \
-	  .venv-constraints/bin/pip freeze --exclude-editable | grep -v '^-e'; } > constraints.txt
+	  .venv-constraints/bin/pip freeze --all --exclude pip --exclude-editable | grep -v '^-e'; } > constraints.txt
 	rm -rf .venv-constraints
 
 clean:
-	rm -rf $(VENV) $(E2E_VENV) $(BENCH_VENV) .e2e-dist .bench-dist .demo .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) $(E2E_VENV) $(BENCH_VENV) dist .e2e-dist .bench-dist .demo .pytest_cache .ruff_cache .mypy_cache
