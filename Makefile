@@ -2,6 +2,7 @@
 #   make demo   run the deferrable example DAG against the local emulator
 #   make test   the whole test suite: lint, the built distributions, unit, integration, and the
 #               end-to-end deployment suite
+#   (make test-compat runs the other Airflow lines and Pythons alone; make test includes it)
 #   make bench  the benchmarks (not part of make test), written to BENCHMARKS.md
 # Everything is created on first use and redone only when its inputs change.
 
@@ -30,7 +31,7 @@ BENCH_INSTALLED := $(BENCH_VENV)/.installed
 BENCH_PACKAGES := apache-airflow-providers-dbt-cloud==4.11.1 apache-airflow-providers-airbyte==6.2.0 \
 	apache-airflow-providers-http==6.3.0 matplotlib==3.11.2
 
-.PHONY: demo test lint dist unit e2e e2e-env postgres deployment bench bench-rate-limits install constraints clean
+.PHONY: demo test test-compat lint dist unit e2e e2e-env postgres deployment bench bench-rate-limits install constraints clean
 
 $(BIN)/python:
 	@test -n "$(PYTHON)" || { echo "make: Python 3.11 or newer is needed (python3.11, python3.12 or python3.13)"; exit 1; }
@@ -90,6 +91,15 @@ e2e: $(INSTALLED) e2e-env postgres
 
 test: lint dist e2e-env postgres
 	$(BIN)/python -m pytest
+	$(BIN)/python scripts/compat.py dist/*.whl
+
+# The other Airflow lines and Pythons, each in a virtualenv of its own under .venv-compat/, with
+# the wheel make dist built: Airflow 2.11, 3.0, 3.1 and 3.2 on Python 3.11 from their pins in
+# constraints/ (registration tests, connection form, every example DAG), and Airflow 3.3 on
+# Python 3.12, 3.13 and 3.14 (every example DAG; a Python that is not found is skipped,
+# loudly). make test runs it after the suite above.
+test-compat: dist
+	$(BIN)/python scripts/compat.py dist/*.whl
 
 # A running deployment to look at by hand: PostgreSQL, emulator, API server, scheduler,
 # DAG processor and triggerer, on loopback; Ctrl-C stops it.
@@ -122,7 +132,9 @@ RATE_TASKS ?= 100
 bench-rate-limits: $(INSTALLED) e2e-env postgres
 	ALTABOTS_E2E_RATE_TASKS=$(RATE_TASKS) $(BIN)/python -m pytest tests/e2e/test_scenarios.py -k shared_key -s
 
-# Re-resolve every dependency from scratch and pin the result.
+# Re-resolve every dependency from scratch and pin the result: constraints.txt for Airflow 3.3, and
+# constraints/airflow-<line>.txt for each older line from packages uploaded before a day after its
+# release (scripts/constraints.py; needs an index that publishes upload times).
 constraints:
 	rm -rf .venv-constraints
 	$(PYTHON) -m venv .venv-constraints
@@ -132,6 +144,7 @@ constraints:
 	  echo "# Resolved for $(AIRFLOW) on Python 3.11; regenerate with: make constraints"; \
 	  .venv-constraints/bin/pip freeze --all --exclude pip --exclude-editable | grep -v '^-e'; } > constraints.txt
 	rm -rf .venv-constraints
+	$(PYTHON) scripts/constraints.py
 
 clean:
-	rm -rf $(VENV) $(E2E_VENV) $(BENCH_VENV) dist .e2e-dist .bench-dist .demo .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) $(E2E_VENV) $(BENCH_VENV) .venv-compat dist .e2e-dist .bench-dist .demo .pytest_cache .ruff_cache .mypy_cache

@@ -9,8 +9,10 @@ runs part of the test suite there, against the provider's built wheel:
   that ``pip install <wheel>`` next to it keeps that Airflow; then the registration tests, the
   connection form, and every example DAG against the emulator (a FAILED run and a mapped run
   included).
-- Airflow 3.3 on Python 3.12 and 3.13, from ``constraints.txt``: every example DAG. An
+- Airflow 3.3 on Python 3.12, 3.13 and 3.14, from ``constraints.txt``: every example DAG. An
   interpreter that is not found is skipped, and the summary says so loudly.
+- Airflow 2.10, below the provider's floor: pip must refuse to install the wheel beside it, with
+  a message naming the floor (a dry run, no virtualenv).
 
 A virtualenv is rebuilt only when its pins, the wheel or the interpreter change. Targets run two
 at a time; each one's output is kept in ``.venv-compat/<target>.log``.
@@ -76,7 +78,7 @@ TARGETS = [
     ),
     *(
         Target(f"airflow-3.3-py{python}", python, None, REPO / "constraints.txt", EXAMPLE_DAGS)
-        for python in ("3.12", "3.13")
+        for python in ("3.12", "3.13", "3.14")
     ),
 ]
 
@@ -137,6 +139,30 @@ def keeps_airflow(step: Step, python: Path, wheel: Path) -> str:
     return ", ".join(planned)
 
 
+#: The newest release below the provider's floor: installing beside it must fail in pip, clearly.
+BELOW_FLOOR = "apache-airflow==2.10.5"
+
+
+def refuses_below_floor(wheel: Path) -> Outcome:
+    """``pip install "apache-airflow==2.10.5" <wheel>``: pip must refuse, naming the floor."""
+    target = Target("airflow-2.10 (refused)", "", None, None, ())
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", *PIP_FLAGS, "--dry-run", BELOW_FLOOR, str(wheel)],
+        text=True,
+        capture_output=True,
+        check=False,
+    )
+    said = done.stdout + done.stderr
+    target.log.write_text(said)
+    expected = "depends on apache-airflow>=2.11.0"
+    ok = done.returncode != 0 and expected in said and "ResolutionImpossible" in said
+    detail = (
+        f"pip refuses: {expected!r}" if ok else f"pip did not refuse as expected (exit {done.returncode})"
+    )
+    return Outcome(target, "passed" if ok else "failed", detail, "2.10.5", time.monotonic() - started)
+
+
 def build(target: Target, python: str, wheel: Path) -> None:
     step = Step(target)
     stamp = target.venv / ".installed"
@@ -154,8 +180,17 @@ def build(target: Target, python: str, wheel: Path) -> None:
         step(venv_python, "-m", "pip", "install", *PIP_FLAGS, "--no-deps", wheel)
     else:
         assert target.constraints is not None
-        step(venv_python, "-m", "pip", "install", *PIP_FLAGS, "-c", target.constraints,
-             "apache-airflow", f"airflow-provider-altabots[test] @ {wheel.resolve().as_uri()}")
+        step(
+            venv_python,
+            "-m",
+            "pip",
+            "install",
+            *PIP_FLAGS,
+            "-c",
+            target.constraints,
+            "apache-airflow",
+            f"airflow-provider-altabots[test] @ {wheel.resolve().as_uri()}",
+        )
     step(venv_python, "-m", "pip", "check")
     stamp.write_text(wanted)
 
@@ -174,12 +209,24 @@ def run_target(target: Target, wheel: Path) -> Outcome:
     venv_python = target.venv / "bin" / "python"
     airflow = subprocess.run(
         [str(venv_python), "-c", "from importlib.metadata import version; print(version('apache-airflow'))"],
-        text=True, stdout=subprocess.PIPE, check=False,
+        text=True,
+        stdout=subprocess.PIPE,
+        check=False,
     ).stdout.strip()
     step = Step(target)
     env = {key: value for key, value in os.environ.items() if not key.startswith("AIRFLOW")}
-    done = step(venv_python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *target.tests,
-                check=False, cwd=REPO, env=env)
+    done = step(
+        venv_python,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        *target.tests,
+        check=False,
+        cwd=REPO,
+        env=env,
+    )
     summary = target.log.read_text().rstrip().splitlines()[-1:] or [""]
     return Outcome(
         target,
@@ -203,6 +250,8 @@ def main() -> int:
     print(f"make test-compat: {len(targets)} targets, two at a time; logs in .venv-compat/", flush=True)
     with ThreadPoolExecutor(max_workers=2) as pool:
         outcomes = list(pool.map(lambda target: run_target(target, wheel), targets))
+    if not chosen:
+        outcomes.append(refuses_below_floor(wheel))
     print(f"\n{'target':<22} {'Airflow':<8} {'result':<8} {'install s':>9} {'tests s':>8}  detail")
     for o in outcomes:
         print(
@@ -217,8 +266,9 @@ def main() -> int:
     if skipped:
         print("\n" + "!" * 78)
         for o in skipped:
-            print(f"SKIPPED {o.target.name}: {o.detail}. Install that Python (pyenv, uv python, or the")
-            print("  system's package) to test it; make test-compat looks on PATH and in pyenv's and uv's folders.")
+            print(f"SKIPPED {o.target.name}: {o.detail}.")
+            print("  Install that Python (pyenv, uv python, or the system's package) to test it:")
+            print("  make test-compat looks on PATH and in pyenv's and uv's folders.")
         print("!" * 78)
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 

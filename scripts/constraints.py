@@ -54,9 +54,7 @@ def resolve(line: str, python: str) -> Path:
         run(*pip, "install", "--quiet", "--uploaded-prior-to", cutoff, requirement)
         base = Path(tmp, "base.txt")
         frozen = run(*pip, "freeze").splitlines()
-        base.write_text(
-            "\n".join(pin for pin in frozen if pin.split("==")[0].lower() not in REPINNED) + "\n"
-        )
+        base.write_text("\n".join(pin for pin in frozen if pin.split("==")[0].lower() not in REPINNED) + "\n")
         run(*pip, "install", "--quiet", "-c", base, f"{REPO}[test]")
         pins = [
             pin

@@ -10,9 +10,17 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from importlib.metadata import version
 from pathlib import Path
 
+from packaging.version import Version
+
 REPO = Path(__file__).resolve().parent.parent
+
+#: The Airflow under test: make test-compat runs parts of the suite on the older lines.
+AIRFLOW_VERSION = Version(version("apache-airflow"))
+#: The task state store (resuming a run across tries) arrived in Airflow 3.3.
+HAS_TASK_STATE_STORE = AIRFLOW_VERSION.release >= (3, 3)
 
 _home = Path(tempfile.mkdtemp(prefix="altabots-tests-"))
 os.environ["AIRFLOW_HOME"] = str(_home)
