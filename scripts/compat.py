@@ -14,7 +14,9 @@ runs part of the test suite there, against the provider's built wheel:
 - Airflow 2.10, below the provider's floor: pip must refuse to install the wheel beside it, with
   a message naming the floor (a dry run, no virtualenv).
 
-A virtualenv is rebuilt only when its pins, the wheel or the interpreter change. Targets run two
+A virtualenv is rebuilt only when its pins, the provider's requirements or the interpreter
+change; the wheel is installed anew each time, and the tests run from a copy of ``tests/``
+without the provider's source beside it, so that they import the wheel. Targets run two
 at a time; each one's output is kept in ``.venv-compat/<target>.log``.
 
 Usage: ``python scripts/compat.py WHEEL [TARGET ...]``
@@ -39,7 +41,7 @@ HOME = REPO / ".venv-compat"
 PIP_FLAGS = ("--quiet", "--disable-pip-version-check")
 
 REGISTRATION = ("tests/test_registration.py",)
-EXAMPLE_DAGS = ("tests/integration/test_example_dags.py",)
+EXAMPLE_DAGS = ("tests/integration/test_example_dags.py", "tests/integration/test_readme_snippets.py")
 #: The distributions that make up "the user's Airflow": installing the provider must not move them.
 AIRFLOW_DISTRIBUTIONS = {"apache-airflow", "apache-airflow-core", "apache-airflow-task-sdk"}
 
@@ -100,9 +102,10 @@ def find_python(version: str) -> str:
     return found.stdout.strip()
 
 
-def fingerprint(target: Target, python: str, wheel: Path) -> str:
+def fingerprint(target: Target, python: str) -> str:
+    """What a virtualenv is built from: the interpreter, its pins and the provider's requirements."""
     digest = hashlib.sha256(python.encode())
-    for path in (target.pins, target.constraints, wheel):
+    for path in (target.pins, target.constraints, REPO / "pyproject.toml"):
         if path is not None:
             digest.update(path.read_bytes())
     return digest.hexdigest()
@@ -145,10 +148,19 @@ BELOW_FLOOR = "apache-airflow==2.10.5"
 
 def refuses_below_floor(wheel: Path) -> Outcome:
     """``pip install "apache-airflow==2.10.5" <wheel>``: pip must refuse, naming the floor."""
-    target = Target("airflow-2.10 (refused)", "", None, None, ())
+    target = Target("airflow-2.10-refused", "", None, None, ())
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "install", *PIP_FLAGS, "--dry-run", BELOW_FLOOR, str(wheel)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "--dry-run",
+            BELOW_FLOOR,
+            str(wheel),
+        ],
         text=True,
         capture_output=True,
         check=False,
@@ -164,35 +176,54 @@ def refuses_below_floor(wheel: Path) -> Outcome:
 
 
 def build(target: Target, python: str, wheel: Path) -> None:
+    """The target's virtualenv, rebuilt when its inputs change; the wheel installed anew each time."""
     step = Step(target)
     stamp = target.venv / ".installed"
-    wanted = fingerprint(target, python, wheel)
-    if stamp.exists() and stamp.read_text() == wanted:
-        step.log.write("virtualenv up to date\n")
-        return
-    shutil.rmtree(target.venv, ignore_errors=True)
-    step(python, "-m", "venv", target.venv)
+    wanted = fingerprint(target, python)
     venv_python = target.venv / "bin" / "python"
+    if not (stamp.exists() and stamp.read_text() == wanted):
+        shutil.rmtree(target.venv, ignore_errors=True)
+        step(python, "-m", "venv", target.venv)
+        if target.pins is not None:
+            step(venv_python, "-m", "pip", "install", *PIP_FLAGS, "-r", target.pins)
+        else:
+            assert target.constraints is not None
+            provider = f"airflow-provider-altabots[test] @ {wheel.resolve().as_uri()}"
+            step(
+                venv_python,
+                "-m",
+                "pip",
+                "install",
+                *PIP_FLAGS,
+                "-c",
+                target.constraints,
+                "apache-airflow",
+                provider,
+            )
+        stamp.write_text(wanted)
+    else:
+        step.log.write("virtualenv up to date\n")
+    step(venv_python, "-m", "pip", "uninstall", *PIP_FLAGS, "--yes", "airflow-provider-altabots")
     if target.pins is not None:
-        step(venv_python, "-m", "pip", "install", *PIP_FLAGS, "-r", target.pins)
         planned = keeps_airflow(step, venv_python, wheel)
         step.log.write(f"pip install of the wheel would install only: {planned}\n")
-        step(venv_python, "-m", "pip", "install", *PIP_FLAGS, "--no-deps", wheel)
-    else:
-        assert target.constraints is not None
-        step(
-            venv_python,
-            "-m",
-            "pip",
-            "install",
-            *PIP_FLAGS,
-            "-c",
-            target.constraints,
-            "apache-airflow",
-            f"airflow-provider-altabots[test] @ {wheel.resolve().as_uri()}",
-        )
+    step(venv_python, "-m", "pip", "install", *PIP_FLAGS, "--no-deps", wheel)
     step(venv_python, "-m", "pip", "check")
-    stamp.write_text(wanted)
+
+
+def suite_copy(target: Target) -> Path:
+    """
+    The tests, example DAGs and README in a folder without the provider's source, so that the
+    tests import the provider the wheel installed, as a user's tests would.
+    """
+    suite = target.venv / "suite"
+    shutil.rmtree(suite, ignore_errors=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for folder in ("tests", "example_dags"):
+        shutil.copytree(REPO / folder, suite / folder, ignore=ignore)
+    for name in ("README.md", "pyproject.toml"):
+        shutil.copy2(REPO / name, suite / name)
+    return suite
 
 
 def run_target(target: Target, wheel: Path) -> Outcome:
@@ -224,7 +255,7 @@ def run_target(target: Target, wheel: Path) -> Outcome:
         "no:cacheprovider",
         *target.tests,
         check=False,
-        cwd=REPO,
+        cwd=suite_copy(target),
         env=env,
     )
     summary = target.log.read_text().rstrip().splitlines()[-1:] or [""]

@@ -23,6 +23,9 @@ AIRFLOW_VERSION = Version(version("apache-airflow"))
 HAS_TASK_STATE_STORE = AIRFLOW_VERSION.release >= (3, 3)
 
 _home = Path(tempfile.mkdtemp(prefix="altabots-tests-"))
+#: Where tests write the README's DAG snippets to run them.
+README_DAGS = _home / "readme_dags"
+README_DAGS.mkdir()
 os.environ["AIRFLOW_HOME"] = str(_home)
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "example_dags")
@@ -37,6 +40,7 @@ os.environ["AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST"] = json.dumps(
         for name, path in (
             ("provider_examples", REPO / "example_dags"),
             ("test_dags", REPO / "tests/integration/dags"),
+            ("readme_dags", README_DAGS),
         )
     ]
 )

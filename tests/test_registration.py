@@ -82,7 +82,7 @@ import json
 from airflow.api_fastapi.core_api.services.ui.connections import HookMetaService
 (meta,) = [m for m in HookMetaService.hook_meta_data() if m.connection_type == "altabots"]
 standard = meta.standard_fields.model_dump() if meta.standard_fields else None
-print(json.dumps({"standard": standard, "extra": meta.extra_fields}, default=str))
+print("HOOK_META " + json.dumps({"standard": standard, "extra": meta.extra_fields}, default=str))
 """
 RUN = {"capture_output": True, "text": True, "check": True, "timeout": 120}
 
@@ -96,7 +96,9 @@ def test_the_connection_form_has_its_fields_on_this_airflow(providers_manager):
     if AIRFLOW_VERSION.major >= 3:
         # In a process of its own, as in the API server: on 3.0 and 3.1 the form is built while
         # Airflow loads the hooks, which a test process has done already.
-        meta = json.loads(subprocess.run([sys.executable, "-c", HOOK_META], **RUN).stdout)
+        printed = subprocess.run([sys.executable, "-c", HOOK_META], **RUN).stdout.splitlines()
+        (line,) = [line for line in printed if line.startswith("HOOK_META ")]
+        meta = json.loads(line.removeprefix("HOOK_META "))
         standard, extra = meta["standard"], meta["extra"]
         assert standard["host"]["title"] == "Base URL"
         assert standard["password"]["title"] == "API key"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -90,6 +91,17 @@ def airflow_db() -> None:
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
 
 
+@pytest.fixture(autouse=True)
+def _no_defer_race_in_dag_test(monkeypatch) -> None:
+    """
+    dag.test() runs a trigger in the task's own process, where Airflow's defer race (the reason
+    a trigger's first check waits ``DEFERRAL_MARGIN``) cannot happen: check after 1 s, not 10.
+    """
+    from airflow_provider_altabots import polling
+
+    monkeypatch.setattr(polling, "DEFERRAL_MARGIN", 1.0)
+
+
 @pytest.fixture(scope="session")
 def emulator_process() -> Iterator[EmulatorProcess]:
     emulator = EmulatorProcess()
@@ -119,6 +131,11 @@ class DagResult:
     run: Any
     printed: str
     states: dict[tuple[str, int], str] = field(default_factory=dict)
+
+    @property
+    def plain(self) -> str:
+        """What was printed without colours and line wrapping (some lines print tracebacks with rich)."""
+        return " ".join(re.sub(r"\x1b\[[0-9;]*m|[│╭╮╰╯─]", " ", self.printed).split())
 
     def ti(self, task_id: str, map_index: int = -1) -> Any:
         return self.run.get_task_instance(task_id, map_index=map_index)

@@ -9,15 +9,16 @@ scheduler is exercised by the end-to-end suite.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
-from airflow_provider_altabots import polling
 from airflow_provider_altabots.operators.altabots import NO_STATE_STORE
 from tests.conftest import AIRFLOW_VERSION, HAS_TASK_STATE_STORE
 from tests.integration.conftest import API_KEY, ENDLESS_KEY, FAILING_KEY, airflow_home, use_key
@@ -34,10 +35,8 @@ def deferred(printed: str) -> bool:
     return DEFERRING in printed and (AIRFLOW_VERSION.major < 3 or "Pausing task as DEFERRED" in printed)
 
 
-def test_deferrable_mode(emulator, run_dag, monkeypatch):
+def test_deferrable_mode(emulator, run_dag):
     emulator.set_workflow(API_KEY, run_seconds=7, pending_seconds=0.1)
-    # dag.test() runs the trigger in-process, where Airflow's defer race cannot happen.
-    monkeypatch.setattr(polling, "DEFERRAL_MARGIN", 1.0)
     result = run_dag("example_altabots_deferrable")
     assert result.run.state == "success"
     assert result.states[("report", -1)] == "success"
@@ -75,11 +74,10 @@ def test_a_short_run_of_a_deferrable_task_ends_on_the_worker_when_the_key_has_pl
     assert len(emulator.invokes()) == 1
 
 
-def test_a_deferrable_task_on_an_undescribed_plan_defers_at_once(emulator, run_dag, monkeypatch):
+def test_a_deferrable_task_on_an_undescribed_plan_defers_at_once(emulator, run_dag):
     """The emulator sends no rate-limit header: the key is taken for a tight one, so no check
     is spent from the worker, and the run comes back with its record in the trigger's event."""
     emulator.set_workflow(API_KEY, run_seconds=1, pending_seconds=0.1)
-    monkeypatch.setattr(polling, "DEFERRAL_MARGIN", 1.0)
     result = run_dag("example_altabots_deferrable")
     assert result.run.state == "success"
     assert deferred(result.printed)
@@ -120,9 +118,42 @@ def test_fire_and_forget_then_sensor(emulator, run_dag):
     assert {q["body"]["workflowRunId"] for q in emulator.queries()} == {run_id}
 
 
-def test_mapped_over_twenty_inputs(emulator, run_dag, monkeypatch):
+@pytest.mark.parametrize("mode", ["poke", "reschedule"])
+def test_sensor_waits_from_the_worker_in_either_mode(emulator, run_dag, mode):
+    # Long enough to outlast the tasks before the sensor, whatever the line's dag.test() costs.
+    emulator.set_workflow(API_KEY, run_seconds=8, pending_seconds=0.1)
+
+    def on_the_worker(dag):
+        wait = dag.get_task("wait_for_research")
+        wait.deferrable = False
+        wait.mode = mode
+
+    result = run_dag("example_altabots_sensor", on_the_worker)
+    assert result.run.state == "success"
+    run_id = result.xcom("start_research")
+    assert result.xcom("wait_for_research", "workflow_run_id") == run_id
+    assert result.xcom("wait_for_research")["output"]
+    assert DEFERRING not in result.printed
+    assert len(emulator.queries()) >= 2  # the run was still going at the first look
+    if mode == "reschedule":
+        assert result.ti("wait_for_research").try_number == 1  # rescheduled, not retried
+
+
+def test_connection_as_a_uri_with_extras(emulator, run_dag, monkeypatch):
+    """AIRFLOW_CONN_* as a URI: the scheme travels URL-encoded in the host, extras in the query."""
+    scheme, address = emulator.url.split("://")
+    host, port = address.rsplit(":", 1)
+    uri = f"altabots://:{API_KEY}@{quote(f'{scheme}://{host}', safe='')}:{port}?auth_scheme=bearer&timeout=20"
+    monkeypatch.setenv("AIRFLOW_CONN_ALTABOTS_DEFAULT", uri)
+    result = run_dag("example_altabots_poll")
+    assert result.run.state == "success"
+    (invoke,) = emulator.invokes()
+    assert invoke["headers"]["Authorization"] == f"Bearer {API_KEY}"
+    assert API_KEY not in result.printed
+
+
+def test_mapped_over_twenty_inputs(emulator, run_dag):
     emulator.set_workflow(API_KEY, run_seconds=0.2, pending_seconds=0.05)
-    monkeypatch.setattr(polling, "DEFERRAL_MARGIN", 1.0)  # no defer race in dag.test(), as above
 
     def faster(dag):
         dag.get_task("score_review").partial_kwargs["poll_interval"] = 1
@@ -149,11 +180,17 @@ def test_failed_run_fails_the_task_and_each_retry_invokes_anew(emulator, run_dag
     assert result.states[("summarize_news", -1)] == "failed"
     assert result.states[("report", -1)] == "upstream_failed"
     invokes = emulator.invokes()
-    assert len(invokes) == 3  # the first try and two retries: a FAILED run is not resumed
+    if AIRFLOW_VERSION.release[:2] == (3, 0):
+        # Airflow 3.0 retries a task that failed after resuming from deferral by resuming it
+        # again, with the old event, instead of calling execute() (apache/airflow#56704, fixed
+        # in 3.1): each retry fails on the same FAILED run, and nothing is invoked again.
+        assert len(invokes) == 1
+    else:
+        assert len(invokes) == 3  # the first try and two retries: a FAILED run is not resumed
     last_run = result.xcom("summarize_news", "workflow_run_id")
-    assert f"Workflow run {last_run}" in result.printed
-    assert "FAILED" in result.printed
-    assert "The API said" in result.printed
+    assert f"Workflow run {last_run}" in result.plain
+    assert "FAILED" in result.plain
+    assert "The API said" in result.plain
 
 
 def test_timeout_names_the_run_and_its_last_status(emulator, run_dag, monkeypatch):
@@ -168,7 +205,7 @@ def test_timeout_names_the_run_and_its_last_status(emulator, run_dag, monkeypatc
     assert result.states[("summarize_news", -1)] == "failed"
     run_id = result.xcom("summarize_news", "workflow_run_id")
     assert f"Workflow run {run_id} had not ended when the timeout passed; last status seen: RUNNING" in (
-        result.printed
+        result.plain
     )
     assert len(emulator.invokes()) == 1
 
@@ -200,7 +237,9 @@ def test_a_retry_resumes_the_same_run_where_the_task_state_store_exists(emulator
         assert len(emulator.invokes()) == 1
     else:
         assert "Reconnecting to existing job" not in result.printed
-        assert result.printed.count(NO_STATE_STORE) == 2  # once in each try's log
+        # Once in each try's log (2.11's dag.test() prints each log line twice, identically).
+        said = {line for line in result.printed.splitlines() if NO_STATE_STORE in line}
+        assert len(said) == 2
         assert len(emulator.invokes()) == 2
 
 
@@ -262,8 +301,8 @@ def test_webhook_is_called_with_its_secret_header_and_the_secrets_never_leak(emu
 
     secrets = (API_KEY, FAILING_KEY, WEBHOOK_TOKEN)
     for text, where in (
-        (result.printed, "output of the webhook DAG"),
-        (failed.printed, "output of the failed DAG"),
+        (airflow_30_unmasked(result.printed), "output of the webhook DAG"),
+        (airflow_30_unmasked(failed.printed), "output of the failed DAG"),
     ):
         for secret in secrets:
             assert secret not in text, f"a secret leaked into the {where}"
@@ -281,3 +320,16 @@ def test_webhook_is_called_with_its_secret_header_and_the_secrets_never_leak(emu
     assert "altabots" in dump  # the scan reads real content
     for secret in secrets:
         assert secret not in dump, "a secret leaked into the metadata database"
+
+
+#: Airflow 3.0's in-process supervisor (dag.test() only) logs each value handed to secret masking
+#: at debug level, its own connection reads included; a deployment's supervisor omits the value,
+#: and Airflow 3.1 fixed dag.test().
+_AIRFLOW_30_MASK_REQUEST = re.compile(r"^.*\[debug\s*\] Sending request\s+msg=MaskSecret\(.*$", re.M)
+
+
+def airflow_30_unmasked(printed: str) -> str:
+    """``printed`` without Airflow 3.0's own debug lines that show values sent to be masked."""
+    if AIRFLOW_VERSION.release[:2] != (3, 0):
+        return printed
+    return _AIRFLOW_30_MASK_REQUEST.sub("", printed)
