@@ -239,6 +239,21 @@ class TestConnectionSettings:
         assert self.make(host="altatech.ai").base_url == "https://altatech.ai"
         assert self.make(host="http://127.0.0.1", port=8765).base_url == "http://127.0.0.1:8765"
 
+    def test_fields_a_form_left_empty_take_their_defaults(self):
+        """Airflow 2.11's form stores an empty integer field as null; other forms send ""."""
+        settings = self.make(auth_scheme="", timeout="", max_answer_bytes=None, requests_per_minute="")
+        assert (settings.auth_scheme, settings.timeout) == ("bearer", 30.0)
+        assert settings.max_answer_bytes == protocol.MAX_ANSWER_BYTES
+        assert settings.requests_per_minute is None
+
+    def test_numbers_typed_in_a_form_arrive_as_text(self):
+        settings = self.make(timeout="12.5", max_answer_bytes="1024", requests_per_minute="3")
+        assert (settings.timeout, settings.max_answer_bytes, settings.requests_per_minute) == (
+            12.5,
+            1024,
+            3.0,
+        )
+
     def test_key_never_in_repr(self):
         assert "secret-key" not in repr(self.make(password="secret-key"))
 
