@@ -9,7 +9,6 @@ scheduler is exercised by the end-to-end suite.
 from __future__ import annotations
 
 import json
-import re
 import sqlite3
 import threading
 from datetime import timedelta
@@ -120,6 +119,12 @@ def test_fire_and_forget_then_sensor(emulator, run_dag):
 
 @pytest.mark.parametrize("mode", ["poke", "reschedule"])
 def test_sensor_waits_from_the_worker_in_either_mode(emulator, run_dag, mode):
+    if mode == "reschedule" and AIRFLOW_VERSION.release[:2] == (3, 0):
+        pytest.skip(
+            "Airflow 3.0's dag.test() cannot reschedule a sensor a second time: its in-process "
+            "supervisor hands the first reschedule date back as text, and Airflow's sensor fails "
+            "subtracting it (TypeError). Reschedule mode is tested on every other line."
+        )
     # Long enough to outlast the tasks before the sensor, whatever the line's dag.test() costs.
     emulator.set_workflow(API_KEY, run_seconds=8, pending_seconds=0.1)
 
@@ -149,7 +154,7 @@ def test_connection_as_a_uri_with_extras(emulator, run_dag, monkeypatch):
     assert result.run.state == "success"
     (invoke,) = emulator.invokes()
     assert invoke["headers"]["Authorization"] == f"Bearer {API_KEY}"
-    assert API_KEY not in result.printed
+    assert API_KEY not in airflow_30_unmasked(result.printed)
 
 
 def test_mapped_over_twenty_inputs(emulator, run_dag):
@@ -238,7 +243,7 @@ def test_a_retry_resumes_the_same_run_where_the_task_state_store_exists(emulator
     else:
         assert "Reconnecting to existing job" not in result.printed
         # Once in each try's log (2.11's dag.test() prints each log line twice, identically).
-        said = {line for line in result.printed.splitlines() if NO_STATE_STORE in line}
+        said = {line for line in result.printed.splitlines() if NO_STATE_STORE in line and "WARNING" in line}
         assert len(said) == 2
         assert len(emulator.invokes()) == 2
 
@@ -322,14 +327,14 @@ def test_webhook_is_called_with_its_secret_header_and_the_secrets_never_leak(emu
         assert secret not in dump, "a secret leaked into the metadata database"
 
 
-#: Airflow 3.0's in-process supervisor (dag.test() only) logs each value handed to secret masking
-#: at debug level, its own connection reads included; a deployment's supervisor omits the value,
-#: and Airflow 3.1 fixed dag.test().
-_AIRFLOW_30_MASK_REQUEST = re.compile(r"^.*\[debug\s*\] Sending request\s+msg=MaskSecret\(.*$", re.M)
-
-
 def airflow_30_unmasked(printed: str) -> str:
-    """``printed`` without Airflow 3.0's own debug lines that show values sent to be masked."""
+    """
+    ``printed`` without Airflow 3.0's own debug lines that show each value sent to be masked
+    (its in-process supervisor, dag.test() only, logs the request; its connection reads send the
+    password too). A deployment's supervisor leaves the value out, and Airflow 3.1 fixed this.
+    """
     if AIRFLOW_VERSION.release[:2] != (3, 0):
         return printed
-    return _AIRFLOW_30_MASK_REQUEST.sub("", printed)
+    return "\n".join(
+        line for line in printed.splitlines() if not ("Sending request" in line and "MaskSecret(" in line)
+    )
