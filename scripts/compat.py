@@ -290,9 +290,16 @@ def main() -> int:
             f"{o.install_seconds:>9.0f} {o.test_seconds:>8.0f}  {o.detail}"
         )
     for o in outcomes:
+        if o.target.log.exists() and o.status != "skipped":
+            for line in o.target.log.read_text(errors="replace").splitlines():
+                if line.startswith("SKIPPED "):
+                    print(f"{o.target.name}: {line}")
+    for o in outcomes:
         if o.status == "failed":
-            print(f"\n---- {o.target.name}: last lines of {o.target.log.relative_to(REPO)} ----")
-            print("\n".join(o.target.log.read_text(errors="replace").splitlines()[-40:]))
+            print(f"\n---- {o.target.name}: failures in {o.target.log.relative_to(REPO)} ----")
+            lines = o.target.log.read_text(errors="replace").splitlines()
+            errors = [line for line in lines if line.startswith(("E ", "FAILED ", "ERROR "))]
+            print("\n".join((errors or lines)[-60:]))
     skipped = [o for o in outcomes if o.status == "skipped"]
     if skipped:
         print("\n" + "!" * 78)
