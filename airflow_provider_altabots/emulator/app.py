@@ -43,6 +43,9 @@ Inspection endpoints (no auth; the emulator's own, not the vendor's); they answe
 * ``GET /_emulator/stats``: request counts (total, by path, by status), invokes, runs by status.
 * ``GET /_emulator/runs`` (``?status=``) and ``GET /_emulator/runs/<id>``: the emulator's view
   of runs (created, started and ends-at times in epoch seconds, status).
+* ``POST /_emulator/runs/<id>/end`` (body ``{"outcome": "succeed"|"fail"}``, default succeed):
+  end a run that is still going, now; for tests that end a run when a condition holds rather
+  than after a time. Its webhooks are not called.
 * ``GET|DELETE /_emulator/webhooks``: the webhook delivery log.
 * ``POST /_emulator/reset``: forget runs, logs, counters and faults; workflows go back to the
   start-up config.
@@ -538,6 +541,15 @@ class EmulatorApp:
                     return json_response(200, {"requests": []})
             elif name == "stats" and method == "GET":
                 return json_response(200, self.stats())
+            elif name == "runs" and method == "POST" and len(parts) == 3 and parts[2] == "end":
+                run = self.runs.get(parts[1])
+                if run is None:
+                    return json_response(404, {"error": f"no such run: {parts[1]}"})
+                outcome = self._admin_body(request).get("outcome", "succeed")
+                if outcome not in ("succeed", "fail"):
+                    raise ValueError("outcome must be 'succeed' or 'fail'")
+                run.end_now(time.time(), succeeds=outcome == "succeed")
+                return json_response(200, self.run_detail(run.run_id))
             elif name == "runs" and method == "GET":
                 if len(parts) == 1:
                     return json_response(200, {"runs": self.list_runs(query.get("status"))})

@@ -217,6 +217,14 @@ class Run:
             return RUNNING
         return SUCCEED if self.succeeds else FAILED
 
+    def end_now(self, now: float, succeeds: bool) -> None:
+        """End the run at ``now`` (``POST /_emulator/runs/<id>/end``); ValueError if it has ended."""
+        if self.ended(now):
+            raise ValueError(f"run {self.run_id} has already ended")
+        self.started_at = min(self.started_at, now)
+        self.succeeds = succeeds
+        self.ends_at = now
+
     def ended(self, now: float) -> bool:
         """Whether the run has ended (SUCCEED or FAILED) at ``now``."""
         return self.ends_at is not None and now >= self.ends_at

@@ -249,6 +249,19 @@ def test_failed_outcome(client: httpx.Client, emulator: Emulator) -> None:
     assert "endTime" in record
 
 
+def test_a_run_can_be_ended_on_demand(client: httpx.Client, emulator: Emulator) -> None:
+    emulator.set_workflow("stuck", outcome="never", pending_seconds=0)
+    run_id = start_run(client, key="stuck")
+    assert query(client, run_id, key="stuck").json()["status"] == "RUNNING"
+    ended = client.post(f"/_emulator/runs/{run_id}/end", json={"outcome": "fail"})
+    assert ended.status_code == 200, ended.text
+    assert query(client, run_id, key="stuck").json()["status"] == "FAILED"
+    again = client.post(f"/_emulator/runs/{run_id}/end", json={})
+    assert again.status_code == 400
+    assert "already ended" in again.json()["error"]
+    assert client.post("/_emulator/runs/no-such-run/end", json={}).status_code == 404
+
+
 def test_fail_rate_one_fails_every_run(client: httpx.Client, emulator: Emulator) -> None:
     emulator.set_workflow("flaky", fail_rate=1.0, run_seconds=0.05, pending_seconds=0)
     run_id = start_run(client, key="flaky")

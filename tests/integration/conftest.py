@@ -10,6 +10,8 @@ import os
 import re
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +77,27 @@ class EmulatorProcess:
 
     def queries(self) -> list[dict[str, Any]]:
         return self.requests("/v1/workflow/query/result")
+
+    def end_run_once(self, checks: int, bound: float = 180.0) -> threading.Thread:
+        """
+        In the background: once the single run has been checked ``checks`` times, end it (with
+        SUCCEED). The run's length then depends on what the waiter did, not on the clock.
+        """
+
+        def watch() -> None:
+            with httpx.Client(base_url=self.url + "/_emulator", timeout=10) as client:
+                give_up = time.monotonic() + bound
+                while time.monotonic() < give_up:
+                    seen = client.get("/requests", params={"path": "/v1/workflow/query/result"}).json()
+                    run_ids = {entry["body"]["workflowRunId"] for entry in seen["requests"]}
+                    if len(seen["requests"]) >= checks and len(run_ids) == 1:
+                        client.post(f"/runs/{run_ids.pop()}/end", json={"outcome": "succeed"})
+                        return
+                    time.sleep(0.1)
+
+        thread = threading.Thread(target=watch, daemon=True)
+        thread.start()
+        return thread
 
     def webhooks(self) -> list[dict[str, Any]]:
         data = self._call("GET", "/webhooks")
