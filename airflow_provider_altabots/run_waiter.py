@@ -1,6 +1,7 @@
 """
 What the operator and the sensor share once a run id is known: deferring to the trigger,
-checking the trigger's event, and publishing the finished run to XCom.
+checking the trigger's event, publishing the finished run to XCom, and reporting the run to
+OpenLineage.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from airflow_provider_altabots.polling import PollPolicy, call_with_retries
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
+    from airflow.providers.openlineage.extractors import OperatorLineage
 
 #: XCom key of the run id, pushed as soon as the run exists.
 XCOM_RUN_ID_KEY = "workflow_run_id"
@@ -38,6 +40,11 @@ class RunWaiterMixin:
     do_xcom_push: bool
     log: Any
 
+    #: The run this task started or waits for, once known, and what the API last said about it:
+    #: what :meth:`get_openlineage_facets_on_complete` reports.
+    _lineage_run_id: str | None = None
+    _lineage_record: Mapping[str, Any] | None = None
+
     if TYPE_CHECKING:
 
         @property
@@ -49,6 +56,32 @@ class RunWaiterMixin:
     def hook(self) -> AltaBotsHook:
         """The hook of ``altabots_conn_id``, one per task instance (its HTTP session is reused)."""
         return AltaBotsHook(self.altabots_conn_id)
+
+    def note_run(self, run_id: str, record: Mapping[str, Any] | None = None) -> None:
+        """
+        Remember the run this task started or waits for, and its latest record or invoke answer
+        (a run without one keeps the record it had), for :meth:`get_openlineage_facets_on_complete`.
+        """
+        if run_id != self._lineage_run_id:
+            self._lineage_run_id, self._lineage_record = run_id, None
+        if record is not None:
+            self._lineage_record = record
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage:
+        """
+        The run this task started or waited for, for Airflow's OpenLineage provider (which also
+        calls this when the task failed): the run id with the API's host as an external query, and
+        the workflow's id, name and version. Empty when the task never learnt a run id.
+        """
+        from airflow_provider_altabots.lineage import run_lineage
+
+        run_id, base_url = self._lineage_run_id, None
+        if run_id is not None:
+            try:
+                base_url = self.hook.get_settings().base_url
+            except AltaBotsError as error:
+                self.log.debug("OpenLineage: the run's source is left out: %s", error)
+        return run_lineage(run_id, base_url, self._lineage_record)
 
     def fetch_run(self, run_id: str) -> dict[str, Any]:
         """Read a run's record, riding out transient errors as the waiting policy allows."""
@@ -105,6 +138,7 @@ class RunWaiterMixin:
             raise AltaBotsError(
                 f"The trigger event {_describe(event)} names no workflow run id; check the triggerer's log."
             )
+        self.note_run(run_id)
         if event["status"] != "success":
             raise error_from_event(event["status"], str(event.get("message") or ""), run_id)
         carried = event.get("record")
@@ -135,6 +169,7 @@ class RunWaiterMixin:
 
         The run id is the one the task asked for, whatever the record says (or omits).
         """
+        self.note_run(run_id, record)
         self.log.info(
             "Workflow run %s of %s ended with %s in %s ms: cost %s credits, %s tokens.",
             run_id,

@@ -190,7 +190,13 @@ def test_requirements_keep_test_and_dev_tools_out_of_the_runtime(dists: Dists, k
     everything = {canonicalize_name(req.name) for req in requirements}
     assert "apache-airflow" in runtime
     assert not runtime & (TEST_ONLY | DEV_ONLY), "test or developer tools among the runtime requirements"
-    assert meta.get_all("Provides-Extra") == ["test"]
+    assert sorted(meta.get_all("Provides-Extra") or []) == ["openlineage", "test"]
+    openlineage_extra = {
+        canonicalize_name(req.name)
+        for req in requirements
+        if req.marker is not None and req.marker.evaluate({"extra": "openlineage"})
+    } - runtime
+    assert openlineage_extra == {"apache-airflow-providers-openlineage"}
     assert test_extra >= {"pytest", "pytest-mock"}
     assert not everything & DEV_ONLY, "developer tools belong to the dev dependency group"
 

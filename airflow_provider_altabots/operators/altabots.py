@@ -228,6 +228,7 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
                 error.message,
             )
             return _UNREADABLE
+        self.note_run(run_id, self._record)
         return protocol.short(self._record.get("status"))
 
     def is_job_active(self, status: str) -> bool:
@@ -417,6 +418,7 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
 
     def _started(self, context: Context, run_id: str, answer: Mapping[str, Any]) -> None:
         self.workflow_run_id = run_id
+        self.note_run(run_id, answer)
         self.log.info("Started workflow run %s of %s.", run_id, protocol.describe_run(answer))
         if self.do_xcom_push:
             context["ti"].xcom_push(key=XCOM_RUN_ID_KEY, value=run_id)

@@ -99,6 +99,7 @@ class AltaBotsWorkflowRunSensor(RunWaiterMixin, BaseSensorOperator):
             # ``timeout`` bounds the wait.
         except AltaBotsTransientError as error:
             outcome = error
+        self.note_run(run_id, None if isinstance(outcome, AltaBotsTransientError) else outcome)
         if self._watch.observe(outcome) is not None:
             return False  # the watch logged the check
         assert self._watch.record is not None
