@@ -51,6 +51,7 @@ from airflow_provider_altabots.exceptions import (
     AltaBotsStatusUnknown,
     AltaBotsTransientError,
 )
+from airflow_provider_altabots.protocol import StatusKind
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -261,15 +262,15 @@ class RunWatch:
             status = outcome.get("status")
             self.last_status = protocol.short(status)
             kind = protocol.status_kind(status)
-            if kind in ("succeeded", "failed"):
+            if kind in (StatusKind.SUCCEEDED, StatusKind.FAILED):
                 self._log_check(None)
-            if kind == "succeeded":
+            if kind == StatusKind.SUCCEEDED:
                 return None
-            if kind == "failed":
+            if kind == StatusKind.FAILED:
                 raise AltaBotsRunFailed(
                     protocol.failure_message(self.run_id, self.record), run_id=self.run_id
                 )
-            if kind == "unknown":
+            if kind == StatusKind.UNKNOWN:
                 self.log.warning(
                     "Workflow run %s reports status %r, which this provider does not know; it is not "
                     "taken for success, so the task keeps waiting.",

@@ -38,7 +38,8 @@ import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from typing import Any, Literal
+from enum import StrEnum
+from typing import Any
 from urllib.parse import urlsplit
 
 from airflow_provider_altabots.connection_form import (
@@ -78,13 +79,31 @@ MAX_WEBHOOKS = 5
 #: callback are allowed too, anything else is refused before a request is sent.
 WEBHOOK_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
 
-PENDING = "PENDING"
-RUNNING = "RUNNING"
-SUCCEED = "SUCCEED"
-FAILED = "FAILED"
-ACTIVE_STATUSES = frozenset({PENDING, RUNNING})
 
-StatusKind = Literal["succeeded", "failed", "active", "unknown"]
+class RunStatus(StrEnum):
+    """The statuses a run record names, spelled as the API spells them (``SUCCEED``, not ``SUCCEEDED``)."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEED = "SUCCEED"
+    FAILED = "FAILED"
+
+
+ACTIVE_STATUSES = frozenset({RunStatus.PENDING, RunStatus.RUNNING})
+
+
+class StatusKind(StrEnum):
+    """What a run status means to a task waiting for it (see :func:`status_kind`)."""
+
+    #: the run ended with ``SUCCEED``
+    SUCCEEDED = "succeeded"
+    #: the run ended with ``FAILED``
+    FAILED = "failed"
+    #: the run has not ended (``PENDING``, ``RUNNING``)
+    ACTIVE = "active"
+    #: a status this provider does not know: never taken for success, the task keeps waiting
+    UNKNOWN = "unknown"
+
 
 #: What the known error codes mean and what to do about them.
 CODE_HINTS: dict[int, str] = {
@@ -109,14 +128,14 @@ _TRUST_HINT = (
 
 
 def status_kind(status: object) -> StatusKind:
-    """Classify a run status: ``succeeded``, ``failed``, ``active`` or ``unknown`` (never success)."""
-    if status == SUCCEED:
-        return "succeeded"
-    if status == FAILED:
-        return "failed"
+    """Classify a run status: succeeded, failed, active or unknown (never success)."""
+    if status == RunStatus.SUCCEED:
+        return StatusKind.SUCCEEDED
+    if status == RunStatus.FAILED:
+        return StatusKind.FAILED
     if status in ACTIVE_STATUSES:
-        return "active"
-    return "unknown"
+        return StatusKind.ACTIVE
+    return StatusKind.UNKNOWN
 
 
 # -- the connection ------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from airflow_provider_altabots.exceptions import (
 )
 from airflow_provider_altabots.hooks.altabots import AltaBotsHook
 from airflow_provider_altabots.polling import PollPolicy, call_with_retries
+from airflow_provider_altabots.protocol import StatusKind
 
 if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
@@ -118,9 +119,9 @@ class RunWaiterMixin:
             )
         record = dict(carried) if carried is not None else self.fetch_run(run_id)
         kind = protocol.status_kind(record.get("status"))
-        if kind == "failed":
+        if kind == StatusKind.FAILED:
             raise AltaBotsRunFailed(protocol.failure_message(run_id, record), run_id=run_id)
-        if kind != "succeeded":
+        if kind != StatusKind.SUCCEEDED:
             raise AltaBotsError(
                 f"The trigger reported workflow run {run_id} as SUCCEED, but "
                 f"{'its event' if carried is not None else 'the API now'} reports status "

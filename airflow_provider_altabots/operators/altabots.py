@@ -29,6 +29,7 @@ from airflow_provider_altabots.polling import (
     deadline_after,
     wait_for_run,
 )
+from airflow_provider_altabots.protocol import StatusKind
 from airflow_provider_altabots.run_waiter import XCOM_RUN_ID_KEY, RunWaiterMixin
 
 if TYPE_CHECKING:
@@ -232,10 +233,13 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
 
     def is_job_active(self, status: str) -> bool:
         # An unknown status is never success, nor a reason to start (and pay for) a second run.
-        return status != _UNREADABLE and protocol.status_kind(status) in ("active", "unknown")
+        return status != _UNREADABLE and protocol.status_kind(status) in (
+            StatusKind.ACTIVE,
+            StatusKind.UNKNOWN,
+        )
 
     def is_job_succeeded(self, status: str) -> bool:
-        return protocol.status_kind(status) == "succeeded"
+        return protocol.status_kind(status) == StatusKind.SUCCEEDED
 
     def poll_until_complete(self, external_id: JsonValue, context: Context) -> Any:
         """
