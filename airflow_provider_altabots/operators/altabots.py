@@ -9,13 +9,12 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from airflow.providers.common.compat.sdk import BaseOperator, ResumableJobMixin, conf, mask_secret
 
-from airflow_provider_altabots import polling, protocol
+from airflow_provider_altabots import events, polling, protocol
 from airflow_provider_altabots.exceptions import (
     AltaBotsApiError,
     AltaBotsError,
     AltaBotsInvokeUncertain,
     AltaBotsTransientError,
-    error_from_event,
 )
 from airflow_provider_altabots.hooks.altabots import AltaBotsHook
 from airflow_provider_altabots.polling import (
@@ -266,18 +265,9 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
 
     def execute_after_rate_limit(self, context: Context, event: Mapping[str, Any] | None = None) -> Any:
         """Resume once the key's budget allows the invoke that was answered 429: invoke again."""
-        since = event.get("refused_since") if isinstance(event, Mapping) else None
-        if not isinstance(event, Mapping) or event.get("status") != "budget_allows":
-            status = event.get("status") if isinstance(event, Mapping) else None
-            message = str(event.get("message") or "") if isinstance(event, Mapping) else ""
-            if isinstance(status, str) and status != "budget_allows" and message:
-                raise error_from_event(status, message, None)
-            raise AltaBotsError(
-                f"The task resumed with an unexpected trigger event {str(event)[:200]!r} while it waited "
-                "for the API key's rate limit; no run was started. Clear the task to invoke again."
-            )
-        if isinstance(since, int | float) and not isinstance(since, bool):
-            self._refused_since = float(since)
+        since = events.read_budget_event(event)
+        if since is not None:
+            self._refused_since = since
         return self.execute(context)
 
     def get_job_result(self, external_id: JsonValue, context: Context) -> Any:
