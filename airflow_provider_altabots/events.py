@@ -102,7 +102,7 @@ class BudgetEvent(TypedDict):
 
 
 def success_event(
-    run_id: str, checks: int, record: dict[str, Any] | None, *, secrets: tuple[str, ...] = ()
+    run_id: str, checks: int, record: dict[str, Any], *, secrets: tuple[str, ...] = ()
 ) -> RunEvent:
     """
     The event of a run that ended with ``SUCCEED``.

@@ -10,9 +10,9 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_provider_altabots import events, protocol
 from airflow_provider_altabots.budget import BUDGETS
-from airflow_provider_altabots.exceptions import AltaBotsError, AltaBotsTransientError
+from airflow_provider_altabots.exceptions import AltaBotsError
 from airflow_provider_altabots.hooks.altabots import AltaBotsHook
-from airflow_provider_altabots.polling import PollPolicy, RunWatch
+from airflow_provider_altabots.polling import PollPolicy, RunWatch, await_run
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -108,22 +108,17 @@ class AltaBotsWorkflowRunTrigger(BaseTrigger):
                     # The worker's invoke spent a request of the key: the budget counts it.
                     BUDGETS.of(await hook.aget_settings()).spent_elsewhere(self.started_at)
                 wait = 0.0 if self.not_before is None else self.not_before - time.time()
-                delay: float | None = watch.first_delay(at_least=wait)
-                while delay is not None:
-                    await asyncio.sleep(delay)
-                    try:
-                        outcome: dict[str, Any] | AltaBotsTransientError = await hook.aget_run_result(
-                            self.run_id, deadline=watch.check_deadline
-                        )
-                    except AltaBotsTransientError as error:
-                        outcome = error
-                    delay = watch.observe(outcome)
+                record = await await_run(
+                    watch,
+                    lambda deadline: hook.aget_run_result(self.run_id, deadline=deadline),
+                    at_least=wait,
+                )
         except AltaBotsError as error:
             yield TriggerEvent(events.error_event(error, self.run_id))
             return
         settings = await hook.aget_settings()
         yield TriggerEvent(
-            events.success_event(self.run_id, watch.checks, watch.record, secrets=(settings.api_key,))
+            events.success_event(self.run_id, watch.checks, record, secrets=(settings.api_key,))
         )
 
 
