@@ -17,6 +17,7 @@ from airflow_provider_altabots.exceptions import (
     AltaBotsTransientError,
 )
 from airflow_provider_altabots.hooks.altabots import AltaBotsHook
+from airflow_provider_altabots.operators.run_waiter import XCOM_RUN_ID_KEY, RunWaiterMixin
 from airflow_provider_altabots.polling import (
     DEFAULT_MAX_CONSECUTIVE_FAILURES,
     DEFAULT_MAX_POLL_INTERVAL,
@@ -29,7 +30,6 @@ from airflow_provider_altabots.polling import (
     wait_for_run,
 )
 from airflow_provider_altabots.protocol import StatusKind
-from airflow_provider_altabots.run_waiter import XCOM_RUN_ID_KEY, RunWaiterMixin
 
 if TYPE_CHECKING:
     import jinja2

@@ -8,6 +8,7 @@ from airflow.providers.common.compat.sdk import BaseSensorOperator, PokeReturnVa
 
 from airflow_provider_altabots import protocol
 from airflow_provider_altabots.hooks.altabots import AltaBotsHook
+from airflow_provider_altabots.operators.run_waiter import RunWaiterMixin
 from airflow_provider_altabots.polling import (
     DEFAULT_MAX_CONSECUTIVE_FAILURES,
     DEFAULT_MAX_POLL_INTERVAL,
@@ -16,7 +17,6 @@ from airflow_provider_altabots.polling import (
     deadline_after,
     fetch_outcome,
 )
-from airflow_provider_altabots.run_waiter import RunWaiterMixin
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
