@@ -1,17 +1,17 @@
 """
 What this provider's triggers tell the worker, and how the worker reads it: the event contract.
 
-A deferred task resumes with the event its trigger fired. Airflow keeps that event in its
-database until the task resumes, and keeps a deferred task's trigger (its classpath and its
-keyword arguments) there too, so an event's fields and values never change between versions:
-an event fired by one version is read by the next.
+A deferred task resumes with the event its trigger fired. Airflow keeps the trigger (its
+classpath and keyword arguments) in its database while it waits, and the event until the task
+resumes, so a task deferred under one version of this provider may resume under the next: the
+fields and values of these events, like the triggers' keyword arguments, do not change.
 
-:class:`AltaBotsWorkflowRunTrigger <airflow_provider_altabots.triggers.altabots.AltaBotsWorkflowRunTrigger>`
-fires a :class:`RunEvent`: ``status`` is :data:`SUCCESS_EVENT_STATUS` when the run ended with
+:class:`~airflow_provider_altabots.triggers.altabots.AltaBotsWorkflowRunTrigger` fires a
+:class:`RunEvent`: ``status`` is :data:`SUCCESS_EVENT_STATUS` when the run ended with
 ``SUCCEED``, else the ``event_status`` of the error that ended the wait (see
-:data:`EVENT_ERRORS`). :class:`AltaBotsBudgetTrigger
-<airflow_provider_altabots.triggers.altabots.AltaBotsBudgetTrigger>` fires a :class:`BudgetEvent`
-when the API key's request budget allows an invoke, or a :class:`RunEvent` of an error.
+:data:`EVENT_ERRORS`). :class:`~airflow_provider_altabots.triggers.altabots.AltaBotsBudgetTrigger`
+fires a :class:`BudgetEvent` when the API key's request budget allows an invoke, or a
+:class:`RunEvent` of an error.
 
 Events are plain dicts; like :mod:`~airflow_provider_altabots.protocol`, this module needs nothing
 of Airflow but the exception classes.
