@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from airflow.providers.common.compat.sdk import BaseOperator, ResumableJobMixin, conf, mask_secret
 
-from airflow_provider_altabots import events, polling, protocol
+from airflow_provider_altabots import polling, protocol
 from airflow_provider_altabots.exceptions import (
     AltaBotsApiError,
     AltaBotsError,
@@ -265,6 +265,8 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
 
     def execute_after_rate_limit(self, context: Context, event: Mapping[str, Any] | None = None) -> Any:
         """Resume once the key's budget allows the invoke that was answered 429: invoke again."""
+        from airflow_provider_altabots import events  # on resume only, not at DAG parse
+
         since = events.read_budget_event(event)
         if since is not None:
             self._refused_since = since

@@ -9,7 +9,7 @@ import time
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from airflow_provider_altabots import events, metrics, polling, protocol
+from airflow_provider_altabots import metrics, polling, protocol
 from airflow_provider_altabots.hooks.altabots import AltaBotsHook
 from airflow_provider_altabots.polling import PollPolicy, call_with_retries
 
@@ -86,6 +86,8 @@ class RunWaiterMixin:
 
         An event that is missing or not one this provider's trigger sends is refused.
         """
+        from airflow_provider_altabots import events  # on resume only, not at DAG parse
+
         succeeded = events.read_run_event(event)
         record = succeeded.record if succeeded.record is not None else self.fetch_run(succeeded.run_id)
         events.check_succeeded(succeeded.run_id, record, from_event=succeeded.record is not None)
