@@ -24,18 +24,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NotRequired, TypedDict
 
-from airflow_provider_altabots import protocol
-from airflow_provider_altabots.exceptions import (
-    AltaBotsApiError,
-    AltaBotsAuthError,
-    AltaBotsConfigError,
-    AltaBotsError,
-    AltaBotsInvokeUncertain,
-    AltaBotsRunFailed,
-    AltaBotsRunTimeout,
-    AltaBotsStatusUnknown,
-    AltaBotsTransientError,
-)
+from airflow_provider_altabots import exceptions, protocol
+from airflow_provider_altabots.exceptions import AltaBotsError, AltaBotsRunFailed, AltaBotsRunTimeout
 from airflow_provider_altabots.protocol import StatusKind
 
 #: ``status`` of the event for a run that ended with ``SUCCEED``; every other status of a
@@ -52,15 +42,15 @@ EVENT_RECORD_MAX_BYTES = 32 * 1024
 EVENT_ERRORS: dict[str, type[AltaBotsError]] = {
     cls.event_status: cls
     for cls in (
-        AltaBotsError,
-        AltaBotsConfigError,
-        AltaBotsAuthError,
-        AltaBotsApiError,
-        AltaBotsTransientError,
-        AltaBotsInvokeUncertain,
-        AltaBotsRunFailed,
-        AltaBotsRunTimeout,
-        AltaBotsStatusUnknown,
+        exceptions.AltaBotsError,
+        exceptions.AltaBotsConfigError,
+        exceptions.AltaBotsAuthError,
+        exceptions.AltaBotsApiError,
+        exceptions.AltaBotsTransientError,
+        exceptions.AltaBotsInvokeUncertain,
+        exceptions.AltaBotsRunFailed,
+        exceptions.AltaBotsRunTimeout,
+        exceptions.AltaBotsStatusUnknown,
     )
 }
 #: Every ``status`` a :class:`RunEvent` may carry.
