@@ -28,8 +28,8 @@ task at once, because a retry with the same arguments cannot succeed; an uncerta
 at once because a retry could start, and pay for, a second run.
 
 In a deferrable task the trigger reports an error as an event; :attr:`AltaBotsError.event_status`
-names it there, and :func:`error_from_event` turns the event back into the same error on the
-worker.
+names it there, and :func:`airflow_provider_altabots.events.error_from_event` turns the event
+back into the same error on the worker.
 """
 
 from __future__ import annotations
@@ -163,25 +163,3 @@ class AltaBotsStatusUnknown(AltaBotsError):
     """Too many status checks in a row failed; whether the run ended, and how, is unknown."""
 
     event_status = "unknown"
-
-
-#: Trigger event status -> the error raised for it on the worker.
-EVENT_ERRORS: dict[str, type[AltaBotsError]] = {
-    cls.event_status: cls
-    for cls in (
-        AltaBotsError,
-        AltaBotsConfigError,
-        AltaBotsAuthError,
-        AltaBotsApiError,
-        AltaBotsTransientError,
-        AltaBotsInvokeUncertain,
-        AltaBotsRunFailed,
-        AltaBotsRunTimeout,
-        AltaBotsStatusUnknown,
-    )
-}
-
-
-def error_from_event(status: str, message: str, run_id: str | None) -> AltaBotsError:
-    """Rebuild on the worker the error a trigger reported as an event."""
-    return EVENT_ERRORS.get(status, AltaBotsError)(message, run_id=run_id)

@@ -3,7 +3,9 @@ How long to wait between status checks, how to back off, and when to give up.
 
 One policy serves the operator (polling from the worker), the sensor and the trigger (polling
 from the triggerer); it holds no I/O, so both the blocking and the asyncio loops drive the same
-decisions:
+decisions. The loops are here too, each given the check to make: :func:`wait_for_run` blocks
+(the operator on the worker), :func:`await_run` does not (the trigger), and a sensor's poke makes
+one check with :func:`fetch_outcome`; each feeds every outcome to a :class:`RunWatch`.
 
 * The first check comes ``poll_interval`` seconds after the wait starts, the second as long
   after that; from then on each wait is ``growth`` (1.5) times the one before, up to
@@ -37,6 +39,7 @@ decisions:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -51,9 +54,15 @@ from airflow_provider_altabots.exceptions import (
     AltaBotsStatusUnknown,
     AltaBotsTransientError,
 )
+from airflow_provider_altabots.protocol import StatusKind
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Awaitable, Callable, Mapping
+
+    #: Reads a run's record once, given the Unix time by which the request must have ended.
+    StatusCheck = Callable[[float | None], Mapping[str, Any]]
+    #: :data:`StatusCheck` as a coroutine function, for triggers.
+    AsyncStatusCheck = Callable[[float | None], Awaitable[Mapping[str, Any]]]
 
 T = TypeVar("T")
 Logger = logging.Logger | logging.LoggerAdapter[Any] | Any
@@ -261,15 +270,15 @@ class RunWatch:
             status = outcome.get("status")
             self.last_status = protocol.short(status)
             kind = protocol.status_kind(status)
-            if kind in ("succeeded", "failed"):
+            if kind in (StatusKind.SUCCEEDED, StatusKind.FAILED):
                 self._log_check(None)
-            if kind == "succeeded":
+            if kind == StatusKind.SUCCEEDED:
                 return None
-            if kind == "failed":
+            if kind == StatusKind.FAILED:
                 raise AltaBotsRunFailed(
                     protocol.failure_message(self.run_id, self.record), run_id=self.run_id
                 )
-            if kind == "unknown":
+            if kind == StatusKind.UNKNOWN:
                 self.log.warning(
                     "Workflow run %s reports status %r, which this provider does not know; it is not "
                     "taken for success, so the task keeps waiting.",
@@ -344,9 +353,33 @@ class RunWatch:
         return max(0.0, min(delay, self.deadline - self.clock()))
 
 
+def fetch_outcome(watch: RunWatch, check: StatusCheck) -> Mapping[str, Any] | AltaBotsTransientError:
+    """
+    Make one status check for ``watch``: the run's record, or the transient error the check
+    raised, for :meth:`RunWatch.observe` to take (any other error goes up).
+
+    :param check: fetches the record once; it is given :attr:`RunWatch.check_deadline`, the Unix
+        time by which the request must have ended (``None``: no deadline).
+    """
+    try:
+        return check(watch.check_deadline)
+    except AltaBotsTransientError as error:
+        return error
+
+
+async def afetch_outcome(
+    watch: RunWatch, check: AsyncStatusCheck
+) -> Mapping[str, Any] | AltaBotsTransientError:
+    """:func:`fetch_outcome` for async code (triggers): ``check`` is a coroutine function."""
+    try:
+        return await check(watch.check_deadline)
+    except AltaBotsTransientError as error:
+        return error
+
+
 def wait_for_run(
     watch: RunWatch,
-    check: Callable[[float | None], dict[str, Any]],
+    check: StatusCheck,
     sleep: Callable[[float], None] | None = None,
     *,
     hand_over_after: float | None = None,
@@ -354,8 +387,7 @@ def wait_for_run(
     """
     Block until the watched run succeeds; return its record.
 
-    :param check: fetches the record once; it is given :attr:`RunWatch.check_deadline`, the Unix
-        time by which the request must have ended (``None``: no deadline).
+    :param check: fetches the record once (see :func:`fetch_outcome`).
     :param hand_over_after: stop and return ``None`` when the next check would come later than
         this many seconds after the wait began, or at once when a check is rate limited: the
         caller hands the rest of the wait over (to a trigger), which goes on with
@@ -370,22 +402,41 @@ def wait_for_run(
             return None
         sleep(delay)
         slept += delay
-        try:
-            outcome: dict[str, Any] | AltaBotsTransientError = check(watch.check_deadline)
-        except AltaBotsTransientError as error:
-            if hand_over_after is not None and error.rate_limited:
-                # The key's quota is spent: the triggerer's budget waits for it, not a worker slot.
-                watch.log.info(
-                    "Status check of workflow run %s was rate limited; the triggerer takes the wait over.",
-                    watch.run_id,
-                )
-                return None
-            outcome = error
+        outcome = fetch_outcome(watch, check)
+        if (
+            hand_over_after is not None
+            and isinstance(outcome, AltaBotsTransientError)
+            and outcome.rate_limited
+        ):
+            # The key's quota is spent: the triggerer's budget waits for it, not a worker slot.
+            watch.log.info(
+                "Status check of workflow run %s was rate limited; the triggerer takes the wait over.",
+                watch.run_id,
+            )
+            return None
         next_delay = watch.observe(outcome)
         if next_delay is None:
             assert watch.record is not None
             return watch.record
         delay = next_delay
+
+
+async def await_run(watch: RunWatch, check: AsyncStatusCheck, *, at_least: float = 0.0) -> dict[str, Any]:
+    """
+    Wait without blocking the event loop until the watched run succeeds; return its record.
+
+    :param check: fetches the record once, as a coroutine function (see :func:`fetch_outcome`).
+    :param at_least: seconds before the first check, at the least (unless the deadline is
+        sooner); the schedule's own first wait applies when it is longer.
+    :raises AltaBotsError: as :meth:`RunWatch.observe` raises, or any error of ``check`` that
+        is not transient.
+    """
+    delay: float | None = watch.first_delay(at_least=at_least)
+    while delay is not None:
+        await asyncio.sleep(delay)
+        delay = watch.observe(await afetch_outcome(watch, check))
+    assert watch.record is not None
+    return watch.record
 
 
 def call_with_retries(

@@ -38,7 +38,8 @@ import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from typing import Any, Literal
+from enum import StrEnum
+from typing import Any
 from urllib.parse import urlsplit
 
 from airflow_provider_altabots.connection_form import (
@@ -78,13 +79,31 @@ MAX_WEBHOOKS = 5
 #: callback are allowed too, anything else is refused before a request is sent.
 WEBHOOK_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
 
-PENDING = "PENDING"
-RUNNING = "RUNNING"
-SUCCEED = "SUCCEED"
-FAILED = "FAILED"
-ACTIVE_STATUSES = frozenset({PENDING, RUNNING})
 
-StatusKind = Literal["succeeded", "failed", "active", "unknown"]
+class RunStatus(StrEnum):
+    """The statuses a run record names, spelled as the API spells them (``SUCCEED``, not ``SUCCEEDED``)."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEED = "SUCCEED"
+    FAILED = "FAILED"
+
+
+ACTIVE_STATUSES = frozenset({RunStatus.PENDING, RunStatus.RUNNING})
+
+
+class StatusKind(StrEnum):
+    """What a run status means to a task waiting for it (see :func:`status_kind`)."""
+
+    #: the run ended with ``SUCCEED``
+    SUCCEEDED = "succeeded"
+    #: the run ended with ``FAILED``
+    FAILED = "failed"
+    #: the run has not ended (``PENDING``, ``RUNNING``)
+    ACTIVE = "active"
+    #: a status this provider does not know: never taken for success, the task keeps waiting
+    UNKNOWN = "unknown"
+
 
 #: What the known error codes mean and what to do about them.
 CODE_HINTS: dict[int, str] = {
@@ -109,14 +128,14 @@ _TRUST_HINT = (
 
 
 def status_kind(status: object) -> StatusKind:
-    """Classify a run status: ``succeeded``, ``failed``, ``active`` or ``unknown`` (never success)."""
-    if status == SUCCEED:
-        return "succeeded"
-    if status == FAILED:
-        return "failed"
+    """Classify a run status: succeeded, failed, active or unknown (never success)."""
+    if status == RunStatus.SUCCEED:
+        return StatusKind.SUCCEEDED
+    if status == RunStatus.FAILED:
+        return StatusKind.FAILED
     if status in ACTIVE_STATUSES:
-        return "active"
-    return "unknown"
+        return StatusKind.ACTIVE
+    return StatusKind.UNKNOWN
 
 
 # -- the connection ------------------------------------------------------------------------------
@@ -430,10 +449,10 @@ def check_webhooks(value: Any) -> list[dict[str, Any]]:
     if len(value) > MAX_WEBHOOKS:
         raise AltaBotsConfigError(f"The API accepts at most {MAX_WEBHOOKS} webhooks; got {len(value)}.")
     checked = []
-    for number, hook in enumerate(value, start=1):
-        if not isinstance(hook, Mapping):
-            raise AltaBotsConfigError(f"webhook {number} must be a mapping, not {type(hook).__name__}.")
-        method, url, headers = hook.get("method"), hook.get("url"), hook.get("headers")
+    for number, webhook in enumerate(value, start=1):
+        if not isinstance(webhook, Mapping):
+            raise AltaBotsConfigError(f"webhook {number} must be a mapping, not {type(webhook).__name__}.")
+        method, url, headers = webhook.get("method"), webhook.get("url"), webhook.get("headers")
         if not isinstance(method, str) or method.upper() not in WEBHOOK_METHODS:
             allowed = ", ".join(sorted(WEBHOOK_METHODS))
             raise AltaBotsConfigError(
@@ -446,7 +465,7 @@ def check_webhooks(value: Any) -> list[dict[str, Any]]:
             and all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items())
         ):
             raise AltaBotsConfigError(f"webhook {number}: headers must be a mapping of strings to strings.")
-        unknown = set(hook) - {"method", "url", "headers"}
+        unknown = set(webhook) - {"method", "url", "headers"}
         if unknown:
             raise AltaBotsConfigError(f"webhook {number}: unknown keys {sorted(map(str, unknown))}.")
         entry: dict[str, Any] = {"method": method.upper(), "url": url}
@@ -470,14 +489,14 @@ def _is_web_url(url: Any) -> bool:
 def webhook_secrets(webhooks: Any) -> list[str]:
     """What a webhook may hide a secret in: every header value, and each URL's path and query."""
     secrets: list[str] = []
-    for hook in webhooks if isinstance(webhooks, list | tuple) else ():
-        if not isinstance(hook, Mapping):
+    for webhook in webhooks if isinstance(webhooks, list | tuple) else ():
+        if not isinstance(webhook, Mapping):
             continue
-        headers = hook.get("headers")
+        headers = webhook.get("headers")
         if isinstance(headers, Mapping):
             secrets.extend(value for value in headers.values() if isinstance(value, str) and value)
-        if _is_web_url(hook.get("url")):
-            parts = urlsplit(hook["url"])
+        if _is_web_url(webhook.get("url")):
+            parts = urlsplit(webhook["url"])
             secrets.extend(part for part in (parts.path.strip("/"), parts.query) if part)
     return secrets
 
@@ -492,11 +511,11 @@ def redacted_webhooks(webhooks: Any) -> Any:
     if not isinstance(webhooks, list | tuple):
         return "***" if webhooks else webhooks
     shown: list[Any] = []
-    for hook in webhooks:
-        if not isinstance(hook, Mapping):
+    for webhook in webhooks:
+        if not isinstance(webhook, Mapping):
             shown.append("***")
             continue
-        entry = dict(hook)
+        entry = dict(webhook)
         if _is_web_url(entry.get("url")):
             parts = urlsplit(entry["url"])
             hidden = (parts.path.strip("/") or parts.query) and "/***"

@@ -103,21 +103,21 @@ def invoke_body_error(data: Mapping[str, Any]) -> str | None:
     is_async = data.get("isAsync")
     if is_async is not None and not isinstance(is_async, bool):
         return "isAsync must be a boolean"
-    hooks = data.get("webhook")
-    if hooks is None:
+    webhooks = data.get("webhook")
+    if webhooks is None:
         return None
-    if not isinstance(hooks, list):
+    if not isinstance(webhooks, list):
         return "webhook must be an array"
-    if len(hooks) > MAX_WEBHOOKS:
+    if len(webhooks) > MAX_WEBHOOKS:
         return f"webhook accepts at most {MAX_WEBHOOKS} entries"
-    for index, hook in enumerate(hooks):
+    for index, webhook in enumerate(webhooks):
         where = f"webhook[{index}]"
-        if not isinstance(hook, dict):
+        if not isinstance(webhook, dict):
             return f"{where} must be an object"
         for name in ("method", "url"):
-            if not isinstance(hook.get(name), str) or not hook[name].strip():
+            if not isinstance(webhook.get(name), str) or not webhook[name].strip():
                 return f"{where}.{name} is required and must be a non-empty string"
-        headers = hook.get("headers")
+        headers = webhook.get("headers")
         if headers is not None:
             if not isinstance(headers, dict):
                 return f"{where}.headers must be an object"

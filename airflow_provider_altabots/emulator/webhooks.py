@@ -107,14 +107,14 @@ class WebhookDeliveries:
             self._arm(run)
             return
         body = json.dumps(run.record(now), separators=(",", ":"), ensure_ascii=False).encode()
-        for hook in run.webhooks:
-            task = asyncio.get_running_loop().create_task(self._deliver(run.run_id, hook, body))
+        for webhook in run.webhooks:
+            task = asyncio.get_running_loop().create_task(self._deliver(run.run_id, webhook, body))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _deliver(self, run_id: str, hook: dict[str, Any], body: bytes) -> None:
-        method = str(hook.get("method", "")).upper()
-        url = str(hook.get("url", ""))
+    async def _deliver(self, run_id: str, webhook: dict[str, Any], body: bytes) -> None:
+        method = str(webhook.get("method", "")).upper()
+        url = str(webhook.get("url", ""))
         entry: dict[str, Any] = {
             "run_id": run_id,
             "method": method,
@@ -125,7 +125,7 @@ class WebhookDeliveries:
             "refused": False,
         }
         try:
-            entry["status"] = await asyncio.wait_for(self._send(method, url, hook, body), self.timeout)
+            entry["status"] = await asyncio.wait_for(self._send(method, url, webhook, body), self.timeout)
         except _Refused as exc:
             entry["refused"] = True
             entry["error"] = str(exc)
@@ -135,7 +135,7 @@ class WebhookDeliveries:
             entry["error"] = f"{type(exc).__name__}: {exc}"
         self.log.append(entry)
 
-    async def _send(self, method: str, url: str, hook: dict[str, Any], body: bytes) -> int:
+    async def _send(self, method: str, url: str, webhook: dict[str, Any], body: bytes) -> int:
         parts = urlsplit(url)
         host = parts.hostname or ""
         if parts.scheme not in ("http", "https") or not host:
@@ -155,7 +155,7 @@ class WebhookDeliveries:
             address = addresses[0]
         else:
             address = host
-        request = self._request_bytes(method, parts, host, port, tls, hook.get("headers") or {}, body)
+        request = self._request_bytes(method, parts, host, port, tls, webhook.get("headers") or {}, body)
         reader, writer = await asyncio.open_connection(
             address,
             port,

@@ -15,9 +15,9 @@ from airflow_provider_altabots.exceptions import (
     AltaBotsError,
     AltaBotsInvokeUncertain,
     AltaBotsTransientError,
-    error_from_event,
 )
 from airflow_provider_altabots.hooks.altabots import AltaBotsHook
+from airflow_provider_altabots.operators.run_waiter import XCOM_RUN_ID_KEY, RunWaiterMixin
 from airflow_provider_altabots.polling import (
     DEFAULT_MAX_CONSECUTIVE_FAILURES,
     DEFAULT_MAX_POLL_INTERVAL,
@@ -29,7 +29,7 @@ from airflow_provider_altabots.polling import (
     deadline_after,
     wait_for_run,
 )
-from airflow_provider_altabots.run_waiter import XCOM_RUN_ID_KEY, RunWaiterMixin
+from airflow_provider_altabots.protocol import StatusKind
 
 if TYPE_CHECKING:
     import jinja2
@@ -233,10 +233,13 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
 
     def is_job_active(self, status: str) -> bool:
         # An unknown status is never success, nor a reason to start (and pay for) a second run.
-        return status != _UNREADABLE and protocol.status_kind(status) in ("active", "unknown")
+        return status != _UNREADABLE and protocol.status_kind(status) in (
+            StatusKind.ACTIVE,
+            StatusKind.UNKNOWN,
+        )
 
     def is_job_succeeded(self, status: str) -> bool:
-        return protocol.status_kind(status) == "succeeded"
+        return protocol.status_kind(status) == StatusKind.SUCCEEDED
 
     def poll_until_complete(self, external_id: JsonValue, context: Context) -> Any:
         """
@@ -263,18 +266,11 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
 
     def execute_after_rate_limit(self, context: Context, event: Mapping[str, Any] | None = None) -> Any:
         """Resume once the key's budget allows the invoke that was answered 429: invoke again."""
-        since = event.get("refused_since") if isinstance(event, Mapping) else None
-        if not isinstance(event, Mapping) or event.get("status") != "budget_allows":
-            status = event.get("status") if isinstance(event, Mapping) else None
-            message = str(event.get("message") or "") if isinstance(event, Mapping) else ""
-            if isinstance(status, str) and status != "budget_allows" and message:
-                raise error_from_event(status, message, None)
-            raise AltaBotsError(
-                f"The task resumed with an unexpected trigger event {str(event)[:200]!r} while it waited "
-                "for the API key's rate limit; no run was started. Clear the task to invoke again."
-            )
-        if isinstance(since, int | float) and not isinstance(since, bool):
-            self._refused_since = float(since)
+        from airflow_provider_altabots import events  # on resume only, not at DAG parse
+
+        since = events.read_budget_event(event)
+        if since is not None:
+            self._refused_since = since
         return self.execute(context)
 
     def get_job_result(self, external_id: JsonValue, context: Context) -> Any:

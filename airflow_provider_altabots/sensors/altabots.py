@@ -7,16 +7,16 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.common.compat.sdk import BaseSensorOperator, PokeReturnValue, conf
 
 from airflow_provider_altabots import protocol
-from airflow_provider_altabots.exceptions import AltaBotsTransientError
 from airflow_provider_altabots.hooks.altabots import AltaBotsHook
+from airflow_provider_altabots.operators.run_waiter import RunWaiterMixin
 from airflow_provider_altabots.polling import (
     DEFAULT_MAX_CONSECUTIVE_FAILURES,
     DEFAULT_MAX_POLL_INTERVAL,
     PollPolicy,
     RunWatch,
     deadline_after,
+    fetch_outcome,
 )
-from airflow_provider_altabots.run_waiter import RunWaiterMixin
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -93,13 +93,12 @@ class AltaBotsWorkflowRunSensor(RunWaiterMixin, BaseSensorOperator):
         run_id = protocol.check_run_id(self.workflow_run_id)
         if self._watch is None or self._watch.run_id != run_id:
             self._watch = RunWatch(run_id, self.policy, log=self.log)
-        try:
-            outcome: dict[str, Any] | AltaBotsTransientError = self.hook.get_run_result(run_id)
-            # Each poke is one request, bounded by the connection's timeout; the sensor's own
-            # ``timeout`` bounds the wait.
-        except AltaBotsTransientError as error:
-            outcome = error
-        self.note_run(run_id, None if isinstance(outcome, AltaBotsTransientError) else outcome)
+        # Each poke is one request, bounded by the connection's timeout; the sensor's own
+        # ``timeout`` bounds the wait (the watch has no deadline).
+        outcome = fetch_outcome(
+            self._watch, lambda deadline: self.hook.get_run_result(run_id, deadline=deadline)
+        )
+        self.note_run(run_id, outcome if isinstance(outcome, dict) else None)
         if self._watch.observe(outcome) is not None:
             return False  # the watch logged the check
         assert self._watch.record is not None

@@ -3,30 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import TYPE_CHECKING, Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_provider_altabots import protocol
+from airflow_provider_altabots import events, protocol
 from airflow_provider_altabots.budget import BUDGETS
-from airflow_provider_altabots.exceptions import AltaBotsError, AltaBotsRunTimeout, AltaBotsTransientError
+from airflow_provider_altabots.exceptions import AltaBotsError
 from airflow_provider_altabots.hooks.altabots import AltaBotsHook
-from airflow_provider_altabots.polling import PollPolicy, RunWatch
+from airflow_provider_altabots.polling import PollPolicy, RunWatch, await_run
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
-
-#: ``status`` of the event for a run that ended with SUCCEED; every other status names an error
-#: (see :data:`airflow_provider_altabots.exceptions.EVENT_ERRORS`).
-SUCCESS = "success"
-#: ``status`` of the event of :class:`AltaBotsBudgetTrigger`: the key's budget allows the invoke.
-BUDGET_ALLOWS = "budget_allows"
-#: The largest run record, as JSON, that travels in the success event, so the worker publishes
-#: the run without reading it again. Airflow keeps the event in its database until the task
-#: resumes; a larger record (a long output) is read by the worker instead.
-EVENT_RECORD_MAX_BYTES = 32 * 1024
 
 
 class AltaBotsWorkflowRunTrigger(BaseTrigger):
@@ -45,11 +34,12 @@ class AltaBotsWorkflowRunTrigger(BaseTrigger):
     deadline plus :data:`~airflow_provider_altabots.polling.DEADLINE_GRACE`, so the event comes
     on time whatever the server does.
 
-    The event is ``{"status", "run_id", "message"}`` (plus ``last_status`` on a timeout):
-    ``status`` is ``"success"`` or the ``event_status`` of the error that ended the wait. A success
-    event also carries ``record``, the run's record, when its JSON is at most
-    :data:`EVENT_RECORD_MAX_BYTES`, so the worker needs no request to publish it; a larger record
-    is read by the worker when it resumes.
+    The event is a :class:`~airflow_provider_altabots.events.RunEvent`,
+    ``{"status", "run_id", "message"}`` (plus ``last_status`` on a timeout): ``status`` is
+    ``"success"`` or the ``event_status`` of the error that ended the wait. A success event also
+    carries ``record``, the run's record, when its JSON is at most
+    :data:`~airflow_provider_altabots.events.EVENT_RECORD_MAX_BYTES`, so the worker needs no
+    request to publish it; a larger record is read by the worker when it resumes.
 
     Every status check waits for the API key's request budget
     (:mod:`airflow_provider_altabots.budget`), shared with every other trigger of that key.
@@ -118,50 +108,18 @@ class AltaBotsWorkflowRunTrigger(BaseTrigger):
                     # The worker's invoke spent a request of the key: the budget counts it.
                     BUDGETS.of(await hook.aget_settings()).spent_elsewhere(self.started_at)
                 wait = 0.0 if self.not_before is None else self.not_before - time.time()
-                delay: float | None = watch.first_delay(at_least=wait)
-                while delay is not None:
-                    await asyncio.sleep(delay)
-                    try:
-                        outcome: dict[str, Any] | AltaBotsTransientError = await hook.aget_run_result(
-                            self.run_id, deadline=watch.check_deadline
-                        )
-                    except AltaBotsTransientError as error:
-                        outcome = error
-                    delay = watch.observe(outcome)
+                record = await await_run(
+                    watch,
+                    lambda deadline: hook.aget_run_result(self.run_id, deadline=deadline),
+                    at_least=wait,
+                )
         except AltaBotsError as error:
-            event: dict[str, Any] = {
-                "status": error.event_status,
-                "run_id": self.run_id,
-                "message": error.message,
-            }
-            if isinstance(error, AltaBotsRunTimeout):
-                event["last_status"] = error.last_status
-            yield TriggerEvent(event)
+            yield TriggerEvent(events.error_event(error, self.run_id))
             return
-        event = {
-            "status": SUCCESS,
-            "run_id": self.run_id,
-            "message": f"Workflow run {self.run_id} ended with SUCCEED after {watch.checks} checks.",
-        }
         settings = await hook.aget_settings()
-        record = event_record(watch.record, secrets=(settings.api_key,))
-        if record is not None:
-            event["record"] = record
-        yield TriggerEvent(event)
-
-
-def event_record(record: dict[str, Any] | None, *, secrets: tuple[str, ...] = ()) -> dict[str, Any] | None:
-    """
-    The record to carry in a success event, or ``None``: larger than
-    :data:`EVENT_RECORD_MAX_BYTES` as JSON, or holding a secret (an output that echoes the key
-    stays out of the event, and the worker reads it instead).
-    """
-    if record is None:
-        return None
-    text = json.dumps(record, separators=(",", ":"), default=str)
-    if len(text.encode()) > EVENT_RECORD_MAX_BYTES or any(secret and secret in text for secret in secrets):
-        return None
-    return record
+        yield TriggerEvent(
+            events.success_event(self.run_id, watch.checks, record, secrets=(settings.api_key,))
+        )
 
 
 class AltaBotsBudgetTrigger(BaseTrigger):
@@ -173,7 +131,8 @@ class AltaBotsBudgetTrigger(BaseTrigger):
     triggerer. The 429 it got holds the budget of every trigger of that key in the process, and
     the turn it takes counts as a request, so the invoke is paced with the status checks.
 
-    The event is ``{"status": "budget_allows", "refused_since": ...}``.
+    The event is a :class:`~airflow_provider_altabots.events.BudgetEvent`,
+    ``{"status": "budget_allows", "refused_since": ...}``.
 
     :param altabots_conn_id: the connection whose key was refused.
     :param refused_since: Unix time the task's first refused invoke was answered (the task gives
@@ -230,7 +189,7 @@ class AltaBotsBudgetTrigger(BaseTrigger):
         try:
             settings = await hook.aget_settings()
         except AltaBotsError as error:
-            yield TriggerEvent({"status": error.event_status, "run_id": None, "message": error.message})
+            yield TriggerEvent(events.error_event(error, None))
             return
         budget = BUDGETS.of(settings)
         quota = None
@@ -248,4 +207,4 @@ class AltaBotsBudgetTrigger(BaseTrigger):
             self.altabots_conn_id,
             held,
         )
-        yield TriggerEvent({"status": BUDGET_ALLOWS, "refused_since": self.refused_since})
+        yield TriggerEvent(events.budget_allows_event(self.refused_since))

@@ -11,8 +11,9 @@ import httpx
 import pytest
 
 from airflow_provider_altabots import polling
+from airflow_provider_altabots.events import EVENT_RECORD_MAX_BYTES
 from airflow_provider_altabots.hooks import altabots as hook_module
-from airflow_provider_altabots.triggers.altabots import EVENT_RECORD_MAX_BYTES, AltaBotsWorkflowRunTrigger
+from airflow_provider_altabots.triggers.altabots import AltaBotsWorkflowRunTrigger
 from tests.fake_api import API_KEY, RESULT, record, record_of
 
 FAST = {"poll_interval": 0.01, "max_poll_interval": 0.02}

@@ -7,21 +7,17 @@ OpenLineage.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from airflow_provider_altabots import metrics, polling, protocol
-from airflow_provider_altabots.exceptions import (
-    EVENT_ERRORS,
-    AltaBotsError,
-    AltaBotsRunFailed,
-    error_from_event,
-)
+from airflow_provider_altabots.exceptions import AltaBotsError
 from airflow_provider_altabots.hooks.altabots import AltaBotsHook
 from airflow_provider_altabots.polling import PollPolicy, call_with_retries
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from airflow.providers.common.compat.sdk import Context
     from airflow.providers.openlineage.extractors import OperatorLineage
 
@@ -29,8 +25,6 @@ if TYPE_CHECKING:
 XCOM_RUN_ID_KEY = "workflow_run_id"
 #: XCom key of the finished run's record without input and output (status, workflow, cost, ...).
 XCOM_RUN_KEY = "workflow_run"
-
-_EVENT_STATUSES = frozenset(EVENT_ERRORS) | {"success"}
 
 
 class RunWaiterMixin:
@@ -126,42 +120,18 @@ class RunWaiterMixin:
 
         An event that is missing or not one this provider's trigger sends is refused.
         """
-        run_id = event.get("run_id") if isinstance(event, Mapping) else None
-        run_id = run_id if isinstance(run_id, str) and run_id else None
-        if not isinstance(event, Mapping) or event.get("status") not in _EVENT_STATUSES:
-            raise AltaBotsError(
-                f"The task resumed with an unexpected trigger event {_describe(event)}; it cannot tell "
-                "how the workflow run ended. Check the triggerer's log; a task retry resumes the run.",
-                run_id=run_id,
-            )
-        if run_id is None:
-            raise AltaBotsError(
-                f"The trigger event {_describe(event)} names no workflow run id; check the triggerer's log."
-            )
-        self.note_run(run_id)
-        if event["status"] != "success":
-            raise error_from_event(event["status"], str(event.get("message") or ""), run_id)
-        carried = event.get("record")
-        if carried is not None and not (
-            isinstance(carried, Mapping) and carried.get("workflowRunId") in (None, run_id)
-        ):
-            raise AltaBotsError(
-                f"The trigger event for workflow run {run_id} carries a record that is not that run's "
-                f"({_describe(carried)}). Check the triggerer's log; a task retry resumes the run.",
-                run_id=run_id,
-            )
-        record = dict(carried) if carried is not None else self.fetch_run(run_id)
-        kind = protocol.status_kind(record.get("status"))
-        if kind == "failed":
-            raise AltaBotsRunFailed(protocol.failure_message(run_id, record), run_id=run_id)
-        if kind != "succeeded":
-            raise AltaBotsError(
-                f"The trigger reported workflow run {run_id} as SUCCEED, but "
-                f"{'its event' if carried is not None else 'the API now'} reports status "
-                f"{protocol.short(record.get('status'))!r}. A task retry waits for the run again.",
-                run_id=run_id,
-            )
-        return self.publish_run(context, run_id, record)
+        from airflow_provider_altabots import events  # on resume only, not at DAG parse
+
+        try:
+            succeeded = events.read_run_event(event)
+        except AltaBotsError as error:
+            if error.run_id:
+                self.note_run(error.run_id)  # a failed task's lineage still names its run
+            raise
+        self.note_run(succeeded.run_id)
+        record = succeeded.record if succeeded.record is not None else self.fetch_run(succeeded.run_id)
+        events.check_succeeded(succeeded.run_id, record, from_event=succeeded.record is not None)
+        return self.publish_run(context, succeeded.run_id, record)
 
     def publish_run(self, context: Context, run_id: str, record: Mapping[str, Any]) -> Any:
         """
@@ -185,9 +155,3 @@ class RunWaiterMixin:
             ti.xcom_push(key=XCOM_RUN_ID_KEY, value=run_id)
             ti.xcom_push(key=XCOM_RUN_KEY, value=protocol.run_summary(record))
         return record.get("output")
-
-
-def _describe(event: object) -> str:
-    if isinstance(event, Mapping):
-        return "{" + ", ".join(f"{key!r}: {str(value)[:80]!r}" for key, value in event.items()) + "}"
-    return repr(event)[:200]
