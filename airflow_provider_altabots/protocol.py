@@ -133,7 +133,7 @@ def status_kind(status: object) -> StatusKind:
         return StatusKind.SUCCEEDED
     if status == RunStatus.FAILED:
         return StatusKind.FAILED
-    if status in ACTIVE_STATUSES:
+    if isinstance(status, str) and status in ACTIVE_STATUSES:  # a list or an object is no status
         return StatusKind.ACTIVE
     return StatusKind.UNKNOWN
 

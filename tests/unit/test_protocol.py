@@ -33,6 +33,8 @@ def read(status: int, body: object, headers: dict[str, str] | None = None) -> di
         ("succeed", "unknown"),
         (None, "unknown"),
         ("", "unknown"),
+        (["RUNNING"], "unknown"),  # a hostile answer's list or object is a status nobody knows
+        ({"RUNNING": 1}, "unknown"),
     ],
 )
 def test_status_kind(status, kind):
