@@ -143,12 +143,8 @@ def ui_field_behaviour() -> dict[str, Any]:
 
 
 def hook_field_behaviour() -> dict[str, Any]:
-    """What ``get_ui_field_behaviour`` returns (read by Airflow 2.11 to 3.1)."""
-    return {
-        "hidden_fields": list(BEHAVIOUR.hidden),
-        "relabeling": dict(BEHAVIOUR.relabeling),
-        "placeholders": dict(BEHAVIOUR.placeholders),
-    }
+    """What ``get_ui_field_behaviour`` returns (read by Airflow 2.11 to 3.1): the same, in snake case."""
+    return {key.replace("-", "_"): value for key, value in ui_field_behaviour().items()}
 
 
 def form_widgets() -> dict[str, Any]:

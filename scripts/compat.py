@@ -112,17 +112,20 @@ def fingerprint(target: Target, python: str) -> str:
 
 
 class Step:
-    """Runs commands for one target, appending their output to its log."""
+    """Runs commands for one target, appending their output to its log (opened per command)."""
 
     def __init__(self, target: Target) -> None:
         self.target = target
-        self.log = target.log.open("a")
+
+    def note(self, text: str) -> None:
+        with self.target.log.open("a") as log:
+            log.write(text + "\n")
 
     def __call__(self, *args: str | Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
         command = [str(arg) for arg in args]
-        self.log.write(f"\n$ {' '.join(command)}\n")
-        self.log.flush()
-        done = subprocess.run(command, stdout=self.log, stderr=subprocess.STDOUT, check=False, **kwargs)
+        self.note(f"\n$ {' '.join(command)}")
+        with self.target.log.open("a") as log:
+            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False, **kwargs)
         if check and done.returncode:
             raise RuntimeError(f"{command[0]} {' '.join(command[1:4])} ... exited with {done.returncode}")
         return done
@@ -202,11 +205,11 @@ def build(target: Target, python: str, wheel: Path) -> None:
             )
         stamp.write_text(wanted)
     else:
-        step.log.write("virtualenv up to date\n")
+        step.note("virtualenv up to date")
     step(venv_python, "-m", "pip", "uninstall", *PIP_FLAGS, "--yes", "airflow-provider-altabots")
     if target.pins is not None:
         planned = keeps_airflow(step, venv_python, wheel)
-        step.log.write(f"pip install of the wheel would install only: {planned}\n")
+        step.note(f"pip install of the wheel would install only: {planned}")
     step(venv_python, "-m", "pip", "install", *PIP_FLAGS, "--no-deps", wheel)
     step(venv_python, "-m", "pip", "check")
 
