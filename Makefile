@@ -37,11 +37,11 @@ $(BIN)/python:
 	@test -n "$(PYTHON)" || { echo "make: Python 3.11 or newer is needed (python3.11, python3.12 or python3.13)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 
-# The provider with its test extra, and the developers' tools of the dev dependency group, which
-# pip installs from 25.1 on.
-$(INSTALLED): pyproject.toml constraints.txt | $(BIN)/python
+# The provider and the emulator (two distributions of this repository, both editable), with the
+# test and developers' tools of the dev dependency group, which pip installs from 25.1 on.
+$(INSTALLED): pyproject.toml emulator/pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/python -m pip install $(PIP_FLAGS) "pip>=25.1"
-	$(BIN)/python -m pip install $(PIP_FLAGS) -c constraints.txt "$(AIRFLOW)" -e ".[test]" --group dev
+	$(BIN)/python -m pip install $(PIP_FLAGS) -c constraints.txt "$(AIRFLOW)" -e . -e ./emulator --group dev
 	@touch $@
 
 install: $(INSTALLED)

@@ -177,7 +177,7 @@ def main() -> int:
     if not 0 <= args.spread < 1 or args.repeats < 1:
         parser.error("--spread must be in [0, 1) and --repeats at least 1")
 
-    from airflow_provider_altabots.emulator import Emulator
+    from altabots_emulator import Emulator
 
     log_as_triggerer()
     import airflow.jobs.triggerer_job_runner  # noqa: F401 - loaded before any run starts

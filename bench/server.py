@@ -35,9 +35,9 @@ import time
 from typing import Any
 from urllib.parse import parse_qs
 
-from airflow_provider_altabots.emulator import Emulator
-from airflow_provider_altabots.emulator.cli import parse_run_seconds
-from airflow_provider_altabots.emulator.server import HttpServer, Request, Response, json_response
+from altabots_emulator import Emulator
+from altabots_emulator.cli import parse_run_seconds
+from altabots_emulator.server import HttpServer, Request, Response, json_response
 
 CLIENT_PORTS = ("ours", "bare", "dbt")
 #: One API key per AltaBots client, so each one's runs can be told apart.

@@ -890,7 +890,7 @@ class Deployment:
 
     def _emulator_argv(self, port: int) -> list[str]:
         keys = list(dict.fromkeys(str(fields["password"]) for fields in self.connections.values()))
-        argv = [str(self.airflow_bin / "altabots-emulator"), "--host", LOOPBACK, "--port", str(port)]
+        argv = [sys.executable, "-m", "altabots_emulator", "--host", LOOPBACK, "--port", str(port)]
         for key in keys:
             argv += ["--api-key", key]
         return argv + self.emulator_args

@@ -20,7 +20,7 @@ import pytest
 
 from airflow_provider_altabots.operators.altabots import NO_STATE_STORE
 from tests.conftest import AIRFLOW_VERSION, HAS_TASK_STATE_STORE
-from tests.integration.conftest import API_KEY, ENDLESS_KEY, FAILING_KEY, airflow_home, use_key
+from tests.integration.conftest import API_KEY, ENDLESS_KEY, FAILING_KEY, airflow_home
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +37,7 @@ def deferred(printed: str) -> bool:
 def test_deferrable_mode(emulator, run_dag):
     emulator.set_workflow(API_KEY, run_seconds=7, pending_seconds=0.1)
     result = run_dag("example_altabots_deferrable")
-    assert result.run.state == "success"
+    assert result.dag_run.state == "success"
     assert result.states[("report", -1)] == "success"
     output = result.xcom("summarize_news")
     record = result.xcom("summarize_news", "workflow_run")
@@ -63,10 +63,10 @@ def test_a_short_run_of_a_deferrable_task_ends_on_the_worker_when_the_key_has_pl
     emulator, run_dag, monkeypatch
 ):
     """A run over within the worker's first checks never defers (issue 9's defer race)."""
-    use_key(monkeypatch, emulator, API_KEY, requests_per_minute=600)  # a plan with plenty
+    emulator.use(API_KEY, requests_per_minute=600)  # a plan with plenty
     emulator.set_workflow(API_KEY, run_seconds=1, pending_seconds=0.1)
     result = run_dag("example_altabots_deferrable")
-    assert result.run.state == "success"
+    assert result.dag_run.state == "success"
     assert "Deferring" not in result.printed
     assert "Pausing task as DEFERRED" not in result.printed
     assert result.xcom("summarize_news", "workflow_run")["status"] == "SUCCEED"
@@ -78,7 +78,7 @@ def test_a_deferrable_task_on_an_undescribed_plan_defers_at_once(emulator, run_d
     is spent from the worker, and the run comes back with its record in the trigger's event."""
     emulator.set_workflow(API_KEY, run_seconds=1, pending_seconds=0.1)
     result = run_dag("example_altabots_deferrable")
-    assert result.run.state == "success"
+    assert result.dag_run.state == "success"
     assert deferred(result.printed)
     assert result.xcom("summarize_news", "workflow_run")["status"] == "SUCCEED"
     (invoke,) = emulator.invokes()
@@ -89,7 +89,7 @@ def test_a_deferrable_task_on_an_undescribed_plan_defers_at_once(emulator, run_d
 
 def test_poll_mode(emulator, run_dag):
     result = run_dag("example_altabots_poll")
-    assert result.run.state == "success"
+    assert result.dag_run.state == "success"
     assert result.xcom("classify_ticket")["output"]
     assert not deferred(result.printed)
     assert DEFERRING not in result.printed
@@ -99,7 +99,7 @@ def test_poll_mode(emulator, run_dag):
 
 def test_sync_mode(emulator, run_dag):
     result = run_dag("example_altabots_sync")
-    assert result.run.state == "success"
+    assert result.dag_run.state == "success"
     assert result.xcom("translate", "workflow_run")["status"] == "SUCCEED"
     (invoke,) = emulator.invokes()
     assert invoke["body"]["isAsync"] is False
@@ -108,7 +108,7 @@ def test_sync_mode(emulator, run_dag):
 
 def test_fire_and_forget_then_sensor(emulator, run_dag):
     result = run_dag("example_altabots_sensor")
-    assert result.run.state == "success"
+    assert result.dag_run.state == "success"
     run_id = result.xcom("start_research")
     assert isinstance(run_id, str)
     assert result.xcom("wait_for_research", "workflow_run_id") == run_id
@@ -127,7 +127,7 @@ def test_sensor_waits_from_the_worker_in_either_mode(emulator, run_dag, mode):
         )
     # The run goes on until the sensor has seen it twice, however long the tasks before it take.
     emulator.set_workflow(API_KEY, outcome="never", pending_seconds=0.1)
-    ender = emulator.end_run_once(checks=2)
+    ender = emulator.end_run_after_queries(2)
 
     def on_the_worker(dag):
         wait = dag.get_task("wait_for_research")
@@ -135,7 +135,7 @@ def test_sensor_waits_from_the_worker_in_either_mode(emulator, run_dag, mode):
         wait.mode = mode
 
     result = run_dag("example_altabots_sensor", on_the_worker)
-    assert result.run.state == "success"
+    assert result.dag_run.state == "success"
     run_id = result.xcom("start_research")
     assert result.xcom("wait_for_research", "workflow_run_id") == run_id
     assert result.xcom("wait_for_research")["output"]
@@ -153,7 +153,7 @@ def test_connection_as_a_uri_with_extras(emulator, run_dag, monkeypatch):
     uri = f"altabots://:{API_KEY}@{quote(f'{scheme}://{host}', safe='')}:{port}?auth_scheme=bearer&timeout=20"
     monkeypatch.setenv("AIRFLOW_CONN_ALTABOTS_DEFAULT", uri)
     result = run_dag("example_altabots_poll")
-    assert result.run.state == "success"
+    assert result.dag_run.state == "success"
     (invoke,) = emulator.invokes()
     assert invoke["headers"]["Authorization"] == f"Bearer {API_KEY}"
     assert API_KEY not in airflow_30_unmasked(result.printed)
@@ -166,7 +166,7 @@ def test_mapped_over_twenty_inputs(emulator, run_dag):
         dag.get_task("score_review").partial_kwargs["poll_interval"] = 1
 
     result = run_dag("example_altabots_mapped", faster)
-    assert result.run.state == "success"
+    assert result.dag_run.state == "success"
     mapped = {key: state for key, state in result.states.items() if key[0] == "score_review"}
     assert len(mapped) == 20
     assert set(mapped.values()) == {"success"}
@@ -177,13 +177,13 @@ def test_mapped_over_twenty_inputs(emulator, run_dag):
 
 
 def test_failed_run_fails_the_task_and_each_retry_invokes_anew(emulator, run_dag, monkeypatch):
-    use_key(monkeypatch, emulator, FAILING_KEY)
+    emulator.use(FAILING_KEY)
 
     def quick_retries(dag):
         dag.get_task("summarize_news").retry_delay = timedelta(0)
 
     result = run_dag("example_altabots_deferrable", quick_retries)
-    assert result.run.state == "failed"
+    assert result.dag_run.state == "failed"
     assert result.states[("summarize_news", -1)] == "failed"
     assert result.states[("report", -1)] == "upstream_failed"
     invokes = emulator.invokes()
@@ -201,7 +201,7 @@ def test_failed_run_fails_the_task_and_each_retry_invokes_anew(emulator, run_dag
 
 
 def test_timeout_names_the_run_and_its_last_status(emulator, run_dag, monkeypatch):
-    use_key(monkeypatch, emulator, ENDLESS_KEY)
+    emulator.use(ENDLESS_KEY)
 
     def short(dag):
         task = dag.get_task("summarize_news")
@@ -234,7 +234,7 @@ def test_a_retry_resumes_the_same_run_where_the_task_state_store_exists(emulator
         task.retry_delay = timedelta(0)
 
     result = run_dag("example_altabots_poll", fragile)
-    assert result.run.state == "success"
+    assert result.dag_run.state == "success"
     assert result.ti("classify_ticket").try_number == 2
     assert "status of workflow run" in result.printed
     assert "is unknown" in result.printed
@@ -290,7 +290,7 @@ def test_webhook_is_called_with_its_secret_header_and_the_secrets_never_leak(emu
             }
 
         result = run_dag("example_altabots_webhook", neutral_names)
-        assert result.run.state == "success"
+        assert result.dag_run.state == "success"
         (invoke,) = emulator.invokes()
         assert invoke["body"]["webhook"][0]["headers"]["X-Callback-Code"] == WEBHOOK_TOKEN
         deadline_checks = 50
@@ -304,11 +304,11 @@ def test_webhook_is_called_with_its_secret_header_and_the_secrets_never_leak(emu
         receiver.shutdown()
 
     # Also fail a run so that error paths are in what gets scanned.
-    use_key(monkeypatch, emulator, FAILING_KEY)
+    emulator.use(FAILING_KEY)
     failed = run_dag(
         "example_altabots_deferrable", lambda dag: setattr(dag.get_task("summarize_news"), "retries", 0)
     )
-    assert failed.run.state == "failed"
+    assert failed.dag_run.state == "failed"
 
     secrets = (API_KEY, FAILING_KEY, WEBHOOK_TOKEN)
     for text, where in (

@@ -19,7 +19,7 @@ def test_mapped_tasks_mask_webhook_header_values(emulator, run_dag, monkeypatch)
     # A mapped task renders its fields through another path than a plain one.
     monkeypatch.setenv("AIRFLOW_VAR_ALTABOTS_HOOK_HEADER", TOKEN)
     result = run_dag("test_mapped_webhook_masking", folder=TEST_DAGS, file="mapped_webhook_masking")
-    assert result.run.state == "success"
+    assert result.dag_run.state == "success"
     assert [i["body"]["webhook"][0]["headers"]["X-Callback-Code"] for i in emulator.invokes()] == [TOKEN] * 2
     with sqlite3.connect(Path(airflow_home(), "airflow.db")) as db:
         rows = db.execute(

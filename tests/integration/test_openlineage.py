@@ -71,7 +71,7 @@ def task_events(events: list[dict], task: str, event_type: str) -> list[dict]:
     return [e for e in events if e["job"]["name"].endswith(f".{task}") and e["eventType"] == event_type]
 
 
-def test_events_link_each_task_to_its_workflow_run(emulator, airflow_db, tmp_path):
+def test_events_link_each_task_to_its_workflow_run(emulator, altabots_airflow_db, tmp_path):
     events, printed = run_with_openlineage(
         emulator, tmp_path, [("example_altabots_sensor", API_KEY), ("example_altabots_sync", FAILING_KEY)]
     )

@@ -23,7 +23,7 @@ def test_the_readme_dag_runs_as_written(emulator, run_dag):
     (snippet,) = dag_snippets()
     (README_DAGS / "readme_news.py").write_text(snippet)
     result = run_dag("news", folder=README_DAGS, file="readme_news")
-    assert result.run.state == "success"
+    assert result.dag_run.state == "success"
     assert result.states[("publish", -1)] == "success"
     record = result.xcom("summarize_news", "workflow_run")
     assert record["status"] == "SUCCEED"

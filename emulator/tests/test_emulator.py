@@ -14,8 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-
-from airflow_provider_altabots.emulator import DEFAULT_API_KEY, Emulator, WorkflowConfig
+from altabots_emulator import DEFAULT_API_KEY, Emulator, WorkflowConfig
 
 KEY = "key-a"
 OTHER_KEY = "key-b"

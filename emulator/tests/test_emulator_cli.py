@@ -16,9 +16,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from airflow_provider_altabots.emulator import Emulator
-from airflow_provider_altabots.emulator.cli import parse_run_seconds
+from altabots_emulator import Emulator
+from altabots_emulator.cli import parse_run_seconds
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "key-a"
@@ -34,7 +33,7 @@ def _environment() -> dict[str, str]:
 
 def _start_cli(*args: str) -> tuple[subprocess.Popen[str], str]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "airflow_provider_altabots.emulator", "--port", "0", *args],
+        [sys.executable, "-m", "altabots_emulator", "--port", "0", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -90,7 +89,7 @@ def test_cli_refuses_a_port_in_use() -> None:
         taken.listen()
         port = taken.getsockname()[1]
         result = subprocess.run(
-            [sys.executable, "-m", "airflow_provider_altabots.emulator", "--port", str(port)],
+            [sys.executable, "-m", "altabots_emulator", "--port", str(port)],
             capture_output=True,
             text=True,
             env=_environment(),
@@ -104,7 +103,7 @@ def test_cli_refuses_a_port_in_use() -> None:
 
 def test_cli_refuses_bad_options() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "airflow_provider_altabots.emulator", "--run-seconds", "3-1"],
+        [sys.executable, "-m", "altabots_emulator", "--run-seconds", "3-1"],
         capture_output=True,
         text=True,
         env=_environment(),

@@ -41,7 +41,7 @@ from urllib.parse import urlsplit
 if TYPE_CHECKING:
     from .workflows import Run
 
-log = logging.getLogger("airflow_provider_altabots.emulator")
+log = logging.getLogger("altabots_emulator")
 
 BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from .workflows import RunSeconds
 
-log = logging.getLogger("airflow_provider_altabots.emulator")
+log = logging.getLogger("altabots_emulator")
 
 
 def parse_run_seconds(text: str) -> RunSeconds:

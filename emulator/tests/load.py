@@ -1,7 +1,7 @@
 """
 Load generator for the emulator (not a test): prints how many requests a second it answers.
 
-It starts the emulator in its own process (``python -m airflow_provider_altabots.emulator
+It starts the emulator in its own process (``python -m altabots_emulator
 --port 0``) unless given ``--url``, then has ``--clients`` concurrent keep-alive connections send
 requests for ``--seconds`` seconds, one at a time each, over raw asyncio sockets (so the client
 itself costs little). ``--processes`` spreads the clients over that many processes. Modes:
@@ -134,7 +134,7 @@ def main() -> int:
         url = args.url
     else:
         command = [
-            sys.executable, "-m", "airflow_provider_altabots.emulator", "--port", "0", "--quiet",
+            sys.executable, "-m", "altabots_emulator", "--port", "0", "--quiet",
             "--run-seconds", args.run_seconds, "--pending-seconds", "0",
         ]  # fmt: skip
         server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)

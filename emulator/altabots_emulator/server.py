@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any, cast
 if TYPE_CHECKING:
     import ssl
 
-log = logging.getLogger("airflow_provider_altabots.emulator")
-access_log = logging.getLogger("airflow_provider_altabots.emulator.access")
+log = logging.getLogger("altabots_emulator")
+access_log = logging.getLogger("altabots_emulator.access")
 
 MAX_HEAD_BYTES = 64 * 1024
 MAX_BODY_BYTES = 16 * 1024 * 1024

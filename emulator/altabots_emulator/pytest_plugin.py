@@ -1,0 +1,167 @@
+"""
+The pytest plugin: test DAGs that call the AltaBots workflow API against the emulator.
+
+Installed with ``altabots-emulator``, pytest loads it by itself. It gives a test:
+
+* ``altabots_emulator``: the emulator, reset for this test, with the Airflow connection
+  ``altabots_default`` pointing at it (through ``AIRFLOW_CONN_ALTABOTS_DEFAULT``, removed after
+  the test). It is an :class:`~altabots_emulator.client.EmulatorClient` (set workflows, inject
+  faults, end runs, read the request log) with ``url``, ``api_key`` and :meth:`EmulatorFixture.use`.
+* ``altabots_dag_test``: run a DAG with Airflow's ``dag.test()``; returns a :class:`DagTestResult`
+  with the task states, XComs and everything printed.
+* ``altabots_emulator_process`` (session): the one emulator process behind both.
+
+Settings, in the ``[tool.pytest.ini_options]`` of a ``pyproject.toml`` (or any pytest ini):
+
+* ``altabots_emulator_api_key``: the API key the emulator accepts and the connection carries
+  (default ``emulator-key``);
+* ``altabots_emulator_args``: more ``altabots-emulator`` options, e.g.
+  ``--run-seconds 0.5 --pending-seconds 0.1``;
+* ``altabots_emulator_conn_id``: the connection to point at the emulator (default
+  ``altabots_default``).
+
+This module imports neither Airflow nor anything heavy: pytest loads it in every test session
+of an environment where the emulator is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from .client import EmulatorClient
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from .process import EmulatorProcess
+
+DEFAULT_KEY = "emulator-key"
+DEFAULT_CONN_ID = "altabots_default"
+CONN_TYPE = "altabots"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini(
+        "altabots_emulator_api_key",
+        "API key the emulator accepts and the connection carries",
+        default=DEFAULT_KEY,
+    )
+    parser.addini("altabots_emulator_args", "more altabots-emulator options", type="args", default=[])
+    parser.addini(
+        "altabots_emulator_conn_id", "Airflow connection pointed at the emulator", default=DEFAULT_CONN_ID
+    )
+
+
+def connection_env(conn_id: str, url: str, api_key: str, **extra: Any) -> tuple[str, str]:
+    """The environment variable (name, value) that defines Airflow connection ``conn_id``."""
+    fields: dict[str, Any] = {"conn_type": CONN_TYPE, "host": url, "password": api_key}
+    if extra:
+        fields["extra"] = extra
+    return f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(fields)
+
+
+class EmulatorFixture(EmulatorClient):
+    """The emulator, as one test sees it: the admin client plus the connection it points.
+
+    ``api_key`` is the key the connection carries; ``conn_id`` the connection's id.
+    """
+
+    def __init__(self, url: str, api_key: str, conn_id: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        super().__init__(url)
+        self.api_key = api_key
+        self.conn_id = conn_id
+        self._monkeypatch = monkeypatch
+
+    def use(self, api_key: str | None = None, *, conn_id: str | None = None, **extra: Any) -> None:
+        """Point connection ``conn_id`` (default: this fixture's) at the emulator with ``api_key``
+        (default: this fixture's) and the connection extras ``extra`` (e.g. ``timeout=5``), for
+        the rest of the test. A key the emulator does not know yet needs :meth:`set_workflow`.
+        """
+        name, value = connection_env(conn_id or self.conn_id, self.url, api_key or self.api_key, **extra)
+        self._monkeypatch.setenv(name, value)
+
+
+@dataclass
+class DagTestResult:
+    """What ``dag.test()`` left: the DAG run, each task's state and everything printed."""
+
+    dag_run: Any
+    printed: str
+    states: dict[tuple[str, int], str | None] = field(default_factory=dict)
+
+    @property
+    def plain(self) -> str:
+        """:attr:`printed` without colours, box drawing and line wrapping (rich tracebacks)."""
+        return " ".join(re.sub(r"\x1b\[[0-9;]*m|[│╭╮╰╯─]", " ", self.printed).split())
+
+    def state(self, task_id: str, map_index: int = -1) -> str | None:
+        """The final state of a task (of one mapped instance with ``map_index``)."""
+        return self.states[(task_id, map_index)]
+
+    def ti(self, task_id: str, map_index: int = -1) -> Any:
+        """The task instance of ``task_id`` in this run."""
+        return self.dag_run.get_task_instance(task_id, map_index=map_index)
+
+    def xcom(self, task_id: str, key: str = "return_value", map_index: int = -1) -> Any:
+        """What ``task_id`` pushed to XCom under ``key`` (its return value by default)."""
+        return self.ti(task_id, map_index).xcom_pull(task_ids=task_id, key=key, map_indexes=map_index)
+
+
+@pytest.fixture(scope="session")
+def altabots_emulator_process(pytestconfig: pytest.Config) -> Iterator[EmulatorProcess]:
+    """The emulator in a process of its own, for the whole session."""
+    from .process import EmulatorProcess
+
+    args = ["--host", "127.0.0.1", "--api-key", pytestconfig.getini("altabots_emulator_api_key")]
+    with EmulatorProcess([*args, *pytestconfig.getini("altabots_emulator_args")]) as process:
+        yield process
+
+
+@pytest.fixture
+def altabots_emulator(
+    altabots_emulator_process: EmulatorProcess, pytestconfig: pytest.Config, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[EmulatorFixture]:
+    """The emulator, reset, with the connection pointing at it for this test."""
+    emulator = EmulatorFixture(
+        altabots_emulator_process.url,
+        pytestconfig.getini("altabots_emulator_api_key"),
+        pytestconfig.getini("altabots_emulator_conn_id"),
+        monkeypatch,
+    )
+    emulator.reset()
+    emulator.use()
+    yield emulator
+    emulator.close()
+
+
+@pytest.fixture(scope="session")
+def altabots_airflow_db() -> None:
+    """Airflow's metadata database, migrated once per session (``airflow db migrate``)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"airflow db migrate failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+
+
+@pytest.fixture
+def altabots_dag_test(
+    altabots_airflow_db: None, capfd: pytest.CaptureFixture[str]
+) -> Callable[..., DagTestResult]:
+    """``run(dag, **kwargs)``: ``dag.test(**kwargs)``, returning a :class:`DagTestResult`."""
+
+    def run(dag: Any, **kwargs: Any) -> DagTestResult:
+        dag_run = dag.test(**kwargs)
+        out, err = capfd.readouterr()
+        sys.stdout.write(out)  # kept for pytest's report of a failure
+        states = {(ti.task_id, ti.map_index): ti.state for ti in dag_run.get_task_instances()}
+        return DagTestResult(dag_run, out + err, states)
+
+    return run
