@@ -22,6 +22,8 @@ E2E_VENV := .venv-e2e
 E2E_DEPS := $(E2E_VENV)/.deps
 E2E_INSTALLED := $(E2E_VENV)/.installed
 PROVIDER_SOURCES := $(shell find airflow_provider_altabots -name '*.py' -o -name py.typed 2>/dev/null)
+EMULATOR_SOURCES := $(shell find emulator/altabots_emulator -name '*.py' 2>/dev/null)
+COMPAT_WHEELS := dist/airflow_provider_altabots-*.whl dist/altabots_emulator-*.whl
 
 # make bench compares this provider with others in its own virtualenv, so the test environment
 # never carries them. Versions pinned for repeatable figures.
@@ -81,6 +83,7 @@ lint: $(INSTALLED)
 dist: $(INSTALLED)
 	rm -rf dist
 	$(BIN)/python -m build --quiet --no-isolation --outdir dist .
+	$(BIN)/python -m build --quiet --no-isolation --outdir dist emulator
 	$(BIN)/twine check --strict dist/*
 
 unit: $(INSTALLED)
@@ -91,15 +94,15 @@ e2e: $(INSTALLED) e2e-env postgres
 
 test: lint dist e2e-env postgres
 	$(BIN)/python -m pytest
-	$(BIN)/python scripts/compat.py dist/*.whl
+	$(BIN)/python scripts/compat.py $(COMPAT_WHEELS)
 
 # The other Airflow lines and Pythons, each in a virtualenv of its own under .venv-compat/, with
-# the wheel make dist built: Airflow 2.11, 3.0, 3.1 and 3.2 on Python 3.11 from their pins in
+# the wheels make dist built (the provider's, and the emulator's for its pytest plugin): Airflow 2.11, 3.0, 3.1 and 3.2 on Python 3.11 from their pins in
 # constraints/ (registration tests, connection form, every example DAG), and Airflow 3.3 on
 # Python 3.12, 3.13 and 3.14 (every example DAG; a Python that is not found is skipped,
 # loudly). make test runs it after the suite above.
 test-compat: dist
-	$(BIN)/python scripts/compat.py dist/*.whl
+	$(BIN)/python scripts/compat.py $(COMPAT_WHEELS)
 
 # A running deployment to look at by hand: PostgreSQL, emulator, API server, scheduler,
 # DAG processor and triggerer, on loopback; Ctrl-C stops it.
@@ -111,12 +114,12 @@ $(BENCH_VENV)/bin/python:
 	$(PYTHON) -m venv $(BENCH_VENV)
 
 $(BENCH_DEPS): pyproject.toml constraints.txt | $(BENCH_VENV)/bin/python
-	$(BENCH_VENV)/bin/python -m pip install $(PIP_FLAGS) -c constraints.txt "$(AIRFLOW)" requests httpx $(BENCH_PACKAGES)
+	$(BENCH_VENV)/bin/python -m pip install $(PIP_FLAGS) -c constraints.txt "$(AIRFLOW)" requests httpx aiohttp $(BENCH_PACKAGES)
 	@touch $@
 
-$(BENCH_INSTALLED): $(BENCH_DEPS) $(PROVIDER_SOURCES)
+$(BENCH_INSTALLED): $(BENCH_DEPS) $(PROVIDER_SOURCES) $(EMULATOR_SOURCES)
 	rm -rf .bench-dist
-	$(BENCH_VENV)/bin/python -m pip wheel $(PIP_FLAGS) --no-deps -w .bench-dist .
+	$(BENCH_VENV)/bin/python -m pip wheel $(PIP_FLAGS) --no-deps -w .bench-dist . ./emulator
 	$(BENCH_VENV)/bin/python -m pip install $(PIP_FLAGS) --no-deps --force-reinstall .bench-dist/*.whl
 	@touch $@
 

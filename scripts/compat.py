@@ -19,7 +19,9 @@ change; the wheel is installed anew each time, and the tests run from a copy of 
 without the provider's source beside it, so that they import the wheel. Targets run two
 at a time; each one's output is kept in ``.venv-compat/<target>.log``.
 
-Usage: ``python scripts/compat.py WHEEL [TARGET ...]``
+Usage: ``python scripts/compat.py PROVIDER_WHEEL EMULATOR_WHEEL [TARGET ...]`` (``make dist`` builds
+both into ``dist/``; the emulator is installed as a user's tests would install it, for its pytest
+plugin).
 """
 
 from __future__ import annotations
@@ -105,7 +107,12 @@ def find_python(version: str) -> str:
 def fingerprint(target: Target, python: str) -> str:
     """What a virtualenv is built from: the interpreter, its pins and the provider's requirements."""
     digest = hashlib.sha256(python.encode())
-    for path in (target.pins, target.constraints, REPO / "pyproject.toml"):
+    for path in (
+        target.pins,
+        target.constraints,
+        REPO / "pyproject.toml",
+        REPO / "emulator" / "pyproject.toml",
+    ):
         if path is not None:
             digest.update(path.read_bytes())
     return digest.hexdigest()
@@ -178,8 +185,8 @@ def refuses_below_floor(wheel: Path) -> Outcome:
     return Outcome(target, "passed" if ok else "failed", detail, "2.10.5", time.monotonic() - started)
 
 
-def build(target: Target, python: str, wheel: Path) -> None:
-    """The target's virtualenv, rebuilt when its inputs change; the wheel installed anew each time."""
+def build(target: Target, python: str, wheel: Path, emulator: Path) -> None:
+    """The target's virtualenv, rebuilt when its inputs change; the wheels installed anew each time."""
     step = Step(target)
     stamp = target.venv / ".installed"
     wanted = fingerprint(target, python)
@@ -187,11 +194,11 @@ def build(target: Target, python: str, wheel: Path) -> None:
     if not (stamp.exists() and stamp.read_text() == wanted):
         shutil.rmtree(target.venv, ignore_errors=True)
         step(python, "-m", "venv", target.venv)
+        step(venv_python, "-m", "pip", "install", *PIP_FLAGS, "pip>=25.1")  # for --group
         if target.pins is not None:
             step(venv_python, "-m", "pip", "install", *PIP_FLAGS, "-r", target.pins)
         else:
             assert target.constraints is not None
-            provider = f"airflow-provider-altabots[test] @ {wheel.resolve().as_uri()}"
             step(
                 venv_python,
                 "-m",
@@ -201,16 +208,28 @@ def build(target: Target, python: str, wheel: Path) -> None:
                 "-c",
                 target.constraints,
                 "apache-airflow",
-                provider,
+                wheel,
+                emulator,
+                "--group",
+                f"{REPO / 'pyproject.toml'}:test",
             )
         stamp.write_text(wanted)
     else:
         step.note("virtualenv up to date")
-    step(venv_python, "-m", "pip", "uninstall", *PIP_FLAGS, "--yes", "airflow-provider-altabots")
+    step(
+        venv_python,
+        "-m",
+        "pip",
+        "uninstall",
+        *PIP_FLAGS,
+        "--yes",
+        "airflow-provider-altabots",
+        "altabots-emulator",
+    )
     if target.pins is not None:
         planned = keeps_airflow(step, venv_python, wheel)
         step.note(f"pip install of the wheel would install only: {planned}")
-    step(venv_python, "-m", "pip", "install", *PIP_FLAGS, "--no-deps", wheel)
+    step(venv_python, "-m", "pip", "install", *PIP_FLAGS, "--no-deps", wheel, emulator)
     step(venv_python, "-m", "pip", "check")
 
 
@@ -229,14 +248,14 @@ def suite_copy(target: Target) -> Path:
     return suite
 
 
-def run_target(target: Target, wheel: Path) -> Outcome:
+def run_target(target: Target, wheel: Path, emulator: Path) -> Outcome:
     python = find_python(target.python)
     if not python:
         return Outcome(target, "skipped", f"no Python {target.python} interpreter was found")
     target.log.unlink(missing_ok=True)
     started = time.monotonic()
     try:
-        build(target, python, wheel)
+        build(target, python, wheel, emulator)
     except (RuntimeError, subprocess.SubprocessError, OSError) as error:
         return Outcome(target, "failed", f"install: {error}", install_seconds=time.monotonic() - started)
     installed = time.monotonic()
@@ -273,17 +292,18 @@ def run_target(target: Target, wheel: Path) -> Outcome:
 
 
 def main() -> int:
-    if len(sys.argv) < 2:
+    if len(sys.argv) < 3:
         sys.exit(__doc__)
-    wheel = Path(sys.argv[1]).resolve()
-    if not wheel.is_file():
-        sys.exit(f"no wheel at {sys.argv[1]}")
-    chosen = sys.argv[2:]
+    wheel, emulator = (Path(arg).resolve() for arg in sys.argv[1:3])
+    for path, name in ((wheel, "airflow_provider_altabots-"), (emulator, "altabots_emulator-")):
+        if not (path.is_file() and path.name.startswith(name)):
+            sys.exit(f"expected a wheel {name}*.whl, got {path}")
+    chosen = sys.argv[3:]
     targets = [t for t in TARGETS if not chosen or t.name in chosen]
     HOME.mkdir(exist_ok=True)
     print(f"make test-compat: {len(targets)} targets, two at a time; logs in .venv-compat/", flush=True)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        outcomes = list(pool.map(lambda target: run_target(target, wheel), targets))
+        outcomes = list(pool.map(lambda target: run_target(target, wheel, emulator), targets))
     if not chosen:
         outcomes.append(refuses_below_floor(wheel))
     print(f"\n{'target':<22} {'Airflow':<8} {'result':<8} {'install s':>9} {'tests s':>8}  detail")

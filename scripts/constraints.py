@@ -5,9 +5,9 @@ An unpinned install of an older Airflow resolves to dependencies released after 
 Airflow itself (a pydantic error on 3.2.2, SQLAlchemy 2.1 failing 3.1.8's ``db migrate``). So
 each line is resolved as its users got it: pip considers only packages uploaded before a day
 after the release (``--uploaded-prior-to``; the index must publish upload times). Then this
-provider, with its ``test`` extra, is added on top of that set without moving any of its pins:
-the provider's own floor (``apache-airflow-providers-common-compat``) is newer than some of
-these releases.
+provider, the emulator and the ``test`` dependency group are added on top of that set without
+moving any of its pins: the provider's own floor (``apache-airflow-providers-common-compat``) is
+newer than some of these releases.
 
 Writes ``constraints/airflow-<line>.txt``; each file is installed as it is
 (``pip install -r``) by ``make test-compat``. Python 3.11, the interpreter ``make test`` prefers.
@@ -55,17 +55,27 @@ def resolve(line: str, python: str) -> Path:
         base = Path(tmp, "base.txt")
         frozen = run(*pip, "freeze").splitlines()
         base.write_text("\n".join(pin for pin in frozen if pin.split("==")[0].lower() not in REPINNED) + "\n")
-        run(*pip, "install", "--quiet", "-c", base, f"{REPO}[test]")
+        run(
+            *pip,
+            "install",
+            "--quiet",
+            "-c",
+            base,
+            REPO,
+            REPO / "emulator",
+            "--group",
+            f"{REPO}/pyproject.toml:test",
+        )
         pins = [
             pin
             for pin in run(*pip, "freeze", "--exclude-editable").splitlines()
-            if not pin.lower().startswith(("airflow-provider-altabots", "-e "))
+            if not pin.lower().startswith(("airflow-provider-altabots", "altabots-emulator", "-e "))
         ]
     OUT.mkdir(exist_ok=True)
     target = OUT / f"airflow-{line}.txt"
     target.write_text(
         f"# {requirement} with everything it needs, from packages uploaded before {cutoff}, plus\n"
-        "# this provider's requirements and its test extra. Python 3.11.\n"
+        "# the requirements of this provider, of the emulator and of the test group. Python 3.11.\n"
         "# Installed by make test-compat; regenerate with: make constraints\n" + "\n".join(pins) + "\n"
     )
     print(f"wrote {target.relative_to(REPO)}: {len(pins)} pins")

@@ -1,7 +1,7 @@
 """
 ``make demo``: run the deferrable example DAG against the local emulator and show its result.
 
-Starts ``altabots-emulator`` on a free loopback port, runs ``airflow dags test
+Starts the emulator (``altabots-emulator``) on a free loopback port, runs ``airflow dags test
 example_altabots_deferrable`` with a private AIRFLOW_HOME (``.demo/airflow``) and a connection
 pointing at the emulator, then reads the run's output, cost and tokens back from XCom and
 stops the emulator. The full Airflow output is kept in ``.demo/dags-test.log``.
@@ -14,6 +14,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+from altabots_emulator.process import EmulatorProcess
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / ".demo"
@@ -32,18 +34,10 @@ def main() -> int:
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
     }
-    emulator = subprocess.Popen(
-        [str(bin_dir / "altabots-emulator"), "--port", "0", "--api-key", API_KEY, "--run-seconds", "3"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert emulator.stdout is not None
-        ready = emulator.stdout.readline().strip()
-        url = ready.rsplit(" ", 1)[-1]
-        print(f"emulator: {ready}")
+    with EmulatorProcess(["--api-key", API_KEY, "--run-seconds", "3"], start_timeout=120) as emulator:
+        print(f"emulator: listening on {emulator.url}")
         env["AIRFLOW_CONN_ALTABOTS_DEFAULT"] = json.dumps(
-            {"conn_type": "altabots", "host": url, "password": API_KEY}
+            {"conn_type": "altabots", "host": emulator.url, "password": API_KEY}
         )
         airflow = str(bin_dir / "airflow")
         subprocess.run([airflow, "db", "migrate"], env=env, check=True, capture_output=True)
@@ -56,9 +50,6 @@ def main() -> int:
             print(f"airflow dags test failed; see {DEMO / 'dags-test.log'}")
             return result.returncode
         return subprocess.run([sys.executable, __file__, "--report"], env=env).returncode
-    finally:
-        emulator.terminate()
-        emulator.wait(timeout=10)
 
 
 def report() -> int:

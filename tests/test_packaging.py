@@ -7,6 +7,7 @@ two seconds), so these tests never read a stale ``dist/``.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import re
 import subprocess
@@ -19,6 +20,7 @@ from email.parser import Parser
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import altabots_emulator
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -28,6 +30,9 @@ from tests.conftest import REPO
 
 PACKAGE = "airflow_provider_altabots"
 VERSION = airflow_provider_altabots.__version__
+EMULATOR = REPO / "emulator"
+EMULATOR_PACKAGE = "altabots_emulator"
+EMULATOR_VERSION = altabots_emulator.__version__
 REPOSITORY = "https://github.com/airflow-provider-altabots/airflow-provider-altabots"
 
 # What only the test suite needs, and what only the developers need.
@@ -56,7 +61,7 @@ PROJECT_URLS = {
 
 
 class Dists:
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, package: str = PACKAGE, version: str = VERSION):
         (self.sdist,) = directory.glob("*.tar.gz")
         (self.wheel,) = directory.glob("*.whl")
         with tarfile.open(self.sdist) as tar:
@@ -69,8 +74,8 @@ class Dists:
         with zipfile.ZipFile(self.wheel) as whl:
             self.wheel_names = whl.namelist()
             self.wheel_files = {name: whl.read(name) for name in self.wheel_names}
-        self.dist_info = f"{PACKAGE}-{VERSION}.dist-info"
-        self.sdist_root = f"{PACKAGE}-{VERSION}"
+        self.dist_info = f"{package}-{version}.dist-info"
+        self.sdist_root = f"{package}-{version}"
 
     def metadata(self, kind: str) -> Message:
         raw = (
@@ -81,22 +86,32 @@ class Dists:
         return Parser().parsestr(raw.decode())
 
 
-@pytest.fixture(scope="module")
-def dists(tmp_path_factory: pytest.TempPathFactory) -> Dists:
+def build(source: Path, out: Path) -> Path:
     if importlib.util.find_spec("build") is None:
         pytest.skip("building the distributions needs the dev dependency group (pip install --group dev)")
-    out = tmp_path_factory.mktemp("dist")
     # Without isolation: the setuptools installed beside the tests, as make dist does. The build
     # frontend still refuses to build when pyproject's build requirements are not met.
     done = subprocess.run(
-        [sys.executable, "-m", "build", "--quiet", "--no-isolation", "--outdir", str(out), str(REPO)],
+        [sys.executable, "-m", "build", "--quiet", "--no-isolation", "--outdir", str(out), str(source)],
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
     )
     assert done.returncode == 0, f"python -m build failed:\n{done.stdout}\n{done.stderr}"
-    return Dists(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def dists(tmp_path_factory: pytest.TempPathFactory) -> Dists:
+    return Dists(build(REPO, tmp_path_factory.mktemp("dist")))
+
+
+@pytest.fixture(scope="module")
+def emulator_dists(tmp_path_factory: pytest.TempPathFactory) -> Dists:
+    return Dists(
+        build(EMULATOR, tmp_path_factory.mktemp("dist-emulator")), EMULATOR_PACKAGE, EMULATOR_VERSION
+    )
 
 
 def test_distributions_are_named_for_the_version(dists: Dists):
@@ -126,7 +141,6 @@ def test_license_is_the_apache_license():
 
 
 def test_wheel_holds_only_the_package_and_its_metadata(dists: Dists):
-    # The emulator is still a subpackage of the provider, so it is part of the package here.
     outside = [
         name for name in dists.wheel_names if not name.startswith((f"{PACKAGE}/", f"{dists.dist_info}/"))
     ]
@@ -138,6 +152,15 @@ def test_wheel_holds_only_the_package_and_its_metadata(dists: Dists):
     }
     in_wheel = {name for name in dists.wheel_names if name.startswith(f"{PACKAGE}/")}
     assert in_wheel == source
+    assert not [name for name in in_wheel if "emulator" in name], "the emulator is a distribution of its own"
+    # Airflow's provider entry point, and no command: the emulator's is in its own distribution.
+    entry_points = dists.wheel_files[f"{dists.dist_info}/entry_points.txt"].decode()
+    assert entry_points.split() == [
+        "[apache_airflow_provider]",
+        "provider_info",
+        "=",
+        f"{PACKAGE}.get_provider_info:get_provider_info",
+    ]
 
 
 def test_sdist_holds_the_package_and_the_project_files(dists: Dists):
@@ -190,15 +213,60 @@ def test_requirements_keep_test_and_dev_tools_out_of_the_runtime(dists: Dists, k
     everything = {canonicalize_name(req.name) for req in requirements}
     assert "apache-airflow" in runtime
     assert not runtime & (TEST_ONLY | DEV_ONLY), "test or developer tools among the runtime requirements"
-    assert sorted(meta.get_all("Provides-Extra") or []) == ["openlineage", "test"]
+    assert sorted(meta.get_all("Provides-Extra") or []) == ["openlineage"]
     openlineage_extra = {
         canonicalize_name(req.name)
         for req in requirements
         if req.marker is not None and req.marker.evaluate({"extra": "openlineage"})
     } - runtime
     assert openlineage_extra == {"apache-airflow-providers-openlineage"}
-    assert test_extra >= {"pytest", "pytest-mock"}
-    assert not everything & DEV_ONLY, "developer tools belong to the dev dependency group"
+    assert test_extra == set()
+    assert not everything & (TEST_ONLY | DEV_ONLY | {"altabots-emulator"}), (
+        "test and developer tools belong to the test and dev dependency groups"
+    )
+
+
+# --- the emulator's distribution -----------------------------------------------------------------
+
+
+def test_emulator_wheel_holds_the_emulator_its_command_and_its_pytest_plugin(emulator_dists: Dists):
+    d = emulator_dists
+    assert d.wheel.name == f"{EMULATOR_PACKAGE}-{EMULATOR_VERSION}-py3-none-any.whl"
+    source = {
+        path.relative_to(EMULATOR).as_posix()
+        for path in (EMULATOR / EMULATOR_PACKAGE).rglob("*")
+        if path.is_file() and (path.suffix == ".py" or path.name == "py.typed")
+    }
+    assert {name for name in d.wheel_names if not name.startswith(f"{d.dist_info}/")} == source
+    entry_points = d.wheel_files[f"{d.dist_info}/entry_points.txt"].decode()
+    assert "[console_scripts]\naltabots-emulator = altabots_emulator.cli:main" in entry_points
+    assert "[pytest11]\naltabots_emulator = altabots_emulator.pytest_plugin" in entry_points
+    assert d.wheel_files[f"{d.dist_info}/licenses/LICENSE"] == (REPO / "LICENSE").read_bytes()
+    meta = d.metadata("wheel")
+    requirements = {canonicalize_name(Requirement(line).name) for line in meta.get_all("Requires-Dist") or []}
+    assert requirements == {"aiohttp", "httpx"}, "the emulator needs neither the provider nor Airflow"
+    assert meta.get_payload() == (EMULATOR / "README.md").read_text()
+
+
+def imported_modules(package: Path) -> set[str]:
+    """Every module a package's source imports, at any level of its code."""
+    found = set()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module)
+    return found
+
+
+def test_the_provider_and_the_emulator_import_nothing_of_each_other():
+    emulator_imports = imported_modules(EMULATOR / EMULATOR_PACKAGE)
+    provider_imports = imported_modules(REPO / PACKAGE)
+    assert emulator_imports
+    assert provider_imports
+    assert not [m for m in emulator_imports if m.split(".")[0] == PACKAGE]
+    assert not [m for m in provider_imports if m.split(".")[0] == EMULATOR_PACKAGE]
 
 
 def test_distributions_pass_twine_check_strict(dists: Dists):

@@ -7,8 +7,10 @@ Installed with ``altabots-emulator``, pytest loads it by itself. It gives a test
   ``altabots_default`` pointing at it (through ``AIRFLOW_CONN_ALTABOTS_DEFAULT``, removed after
   the test). It is an :class:`~altabots_emulator.client.EmulatorClient` (set workflows, inject
   faults, end runs, read the request log) with ``url``, ``api_key`` and :meth:`EmulatorFixture.use`.
-* ``altabots_dag_test``: run a DAG with Airflow's ``dag.test()``; returns a :class:`DagTestResult`
-  with the task states, XComs and everything printed.
+* ``altabots_dag_test``: run a DAG (or a DAG id of the DAGs folder) with Airflow's
+  ``dag.test()``; returns a :class:`DagTestResult` with the task states, XComs and everything
+  printed. ``altabots_airflow_db`` (session, used by it) runs ``airflow db migrate`` first: point
+  ``AIRFLOW_HOME`` at a scratch folder for tests.
 * ``altabots_emulator_process`` (session): the one emulator process behind both.
 
 Settings, in the ``[tool.pytest.ini_options]`` of a ``pyproject.toml`` (or any pytest ini):
@@ -38,6 +40,7 @@ import pytest
 from .client import EmulatorClient
 
 if TYPE_CHECKING:
+    import os
     from collections.abc import Callable, Iterator
 
     from .process import EmulatorProcess
@@ -114,6 +117,25 @@ class DagTestResult:
         return self.ti(task_id, map_index).xcom_pull(task_ids=task_id, key=key, map_indexes=map_index)
 
 
+def load_dag(dag_id: str, path: str | os.PathLike[str] | None = None) -> Any:
+    """DAG ``dag_id``, freshly parsed from ``path`` (a file or folder; default: the DAGs folder).
+
+    Fails the test when any file parsed there has an import error.
+    """
+    try:
+        from airflow.dag_processing.dagbag import DagBag
+    except ImportError:  # Airflow before 3.2
+        from airflow.models.dagbag import DagBag  # type: ignore[no-redef,unused-ignore]
+
+    bag = DagBag(str(path) if path is not None else None)
+    if bag.import_errors:
+        pytest.fail(f"DAG files failed to import: {bag.import_errors}")
+    dag = bag.get_dag(dag_id)
+    if dag is None:
+        pytest.fail(f"no DAG {dag_id!r} in {path or 'the DAGs folder'} (found: {sorted(bag.dag_ids)})")
+    return dag
+
+
 @pytest.fixture(scope="session")
 def altabots_emulator_process(pytestconfig: pytest.Config) -> Iterator[EmulatorProcess]:
     """The emulator in a process of its own, for the whole session."""
@@ -155,9 +177,14 @@ def altabots_airflow_db() -> None:
 def altabots_dag_test(
     altabots_airflow_db: None, capfd: pytest.CaptureFixture[str]
 ) -> Callable[..., DagTestResult]:
-    """``run(dag, **kwargs)``: ``dag.test(**kwargs)``, returning a :class:`DagTestResult`."""
+    """``run(dag, **kwargs)``: ``dag.test(**kwargs)``, returning a :class:`DagTestResult`.
+
+    ``dag`` is a DAG, or the id of a DAG in the DAGs folder (parsed afresh by :func:`load_dag`).
+    """
 
     def run(dag: Any, **kwargs: Any) -> DagTestResult:
+        if isinstance(dag, str):
+            dag = load_dag(dag)
         dag_run = dag.test(**kwargs)
         out, err = capfd.readouterr()
         sys.stdout.write(out)  # kept for pytest's report of a failure

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import pytest
-from altabots_emulator.pytest_plugin import DagTestResult, EmulatorFixture
+from altabots_emulator.pytest_plugin import DagTestResult, EmulatorFixture, load_dag
 
 from tests.conftest import REPO
 
@@ -44,24 +43,12 @@ EXAMPLES = REPO / "example_dags"
 TEST_DAGS = Path(__file__).parent / "dags"
 
 
-def load_dag(dag_id: str, folder: Path = EXAMPLES, file: str | None = None) -> Any:
-    """A freshly parsed DAG (tests may change its tasks without affecting others)."""
-    try:
-        from airflow.dag_processing.dagbag import DagBag
-    except ImportError:  # Airflow before 3.2
-        from airflow.models.dagbag import DagBag  # type: ignore[no-redef]
-
-    bag = DagBag(str(folder / f"{file or dag_id}.py"))
-    assert bag.import_errors == {}
-    return bag.get_dag(dag_id)
-
-
 @pytest.fixture
 def run_dag(altabots_dag_test):
     """Run an example DAG with the plugin's dag.test(); ``tweak(dag)`` may adjust its tasks first."""
 
     def run(dag_id: str, tweak=None, folder: Path = EXAMPLES, file: str | None = None) -> DagTestResult:
-        dag = load_dag(dag_id, folder, file)
+        dag = load_dag(dag_id, folder / f"{file or dag_id}.py")
         if tweak:
             tweak(dag)
         return altabots_dag_test(dag)
