@@ -142,7 +142,7 @@ constraints:
 	rm -rf .venv-constraints
 	$(PYTHON) -m venv .venv-constraints
 	.venv-constraints/bin/python -m pip install $(PIP_FLAGS) "pip>=25.1"
-	.venv-constraints/bin/pip install $(PIP_FLAGS) "$(AIRFLOW)" -e ".[test]" --group dev
+	.venv-constraints/bin/pip install $(PIP_FLAGS) "$(AIRFLOW)" -e . -e ./emulator --group dev
 	{ echo "# Versions make test and make demo install (pip install -c constraints.txt)."; \
 	  echo "# Resolved for $(AIRFLOW) on Python 3.11; regenerate with: make constraints"; \
 	  .venv-constraints/bin/pip freeze --all --exclude pip --exclude-editable | grep -v '^-e'; } > constraints.txt
