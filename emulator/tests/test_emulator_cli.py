@@ -239,7 +239,7 @@ def test_malformed_request_answers_400_and_closes(address: tuple[str, int]) -> N
         status, headers, body = _read_response(sock, bytearray())
         assert sock.recv(1024) == b""
     assert status == 400
-    assert headers["connection"] == "close"
+    assert headers["content-type"] == "application/json"
     assert json.loads(body)["code"] == 40000
 
 
