@@ -18,6 +18,7 @@ The emulator's own choices:
   a malformed request the connection is closed.
 * A :class:`Response` with ``drop`` closes the connection without any answer.
 * A client that goes away cancels its pending answer (a held synchronous invoke stops waiting).
+* A keep-alive connection left idle for 75 seconds is closed (aiohttp's default).
 * :meth:`HttpServer.close` abandons answers still pending: it closes their connections.
 * The access log (off by default) is one line a request on the ``altabots_emulator.access``
   logger: method, target, then the status or ``dropped``.
