@@ -126,14 +126,11 @@ def invoke_body_error(data: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _header_dict(raw: bytes) -> dict[str, str]:
+def _header_dict(raw: tuple[tuple[bytes, bytes], ...]) -> dict[str, str]:
     headers: dict[str, str] = {}
-    if not raw:
-        return headers
-    for line in raw.split(b"\r\n"):
-        name, _, value = line.partition(b":")
+    for name, value in raw:
         key = name.decode("latin-1")
-        text = value.strip().decode("latin-1")
+        text = value.decode("latin-1")
         headers[key] = f"{headers[key]}, {text}" if key in headers else text
     return headers
 
@@ -159,7 +156,13 @@ class LoggedRequest:
     )
 
     def __init__(
-        self, seq: int, when: float, method: str, path: str, raw_headers: bytes, body: bytes
+        self,
+        seq: int,
+        when: float,
+        method: str,
+        path: str,
+        raw_headers: tuple[tuple[bytes, bytes], ...],
+        body: bytes,
     ) -> None:
         self.seq = seq
         self.time = when

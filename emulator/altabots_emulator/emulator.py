@@ -131,7 +131,7 @@ class Emulator:
 
     async def stop_async(self) -> None:
         """Stop serving: close the listener and every connection, cancel pending webhooks."""
-        self.app.webhooks.cancel_all()
+        await self.app.webhooks.close()
         await self.server.close()
         self._started = False
 

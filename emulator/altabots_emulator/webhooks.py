@@ -13,9 +13,13 @@ emulator's own choice, not vendor fact:
   methods (``GET`` ...) are sent with no body. The method is upper-cased.
 * The configured headers are sent as given (with ``Host``, ``User-Agent: altabots-emulator``
   and, with a body, ``Content-Type: application/json`` added unless set), plus
-  ``Content-Length`` and ``Connection: close``.
-* One attempt, with a short timeout (5 seconds by default), in the background: serving never
-  waits for it. There is no retry and no signature.
+  ``Content-Length`` and ``Connection: close``; given ``Content-Length``, ``Connection`` and
+  ``Transfer-Encoding`` headers are left out.
+* One attempt, with a short timeout (5 seconds by default) for the whole call, in the
+  background: serving never waits for it. The answer's status is kept, its body not read.
+  Redirects are not followed. There is no retry and no signature.
+* The calls are made with one aiohttp ``ClientSession`` per emulator, opened at the first call
+  and closed when the emulator stops; stopping also cancels the calls in flight.
 * Webhooks of synchronous invokes are checked but not called (the pages tie them to
   asynchronous runs). A run that never ends never calls them.
 * Each delivery is logged: run id, method, URL, time, and the HTTP status answered or the
@@ -26,17 +30,17 @@ emulator's own choice, not vendor fact:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import json
 import logging
-import re
 import socket
-import ssl
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 if TYPE_CHECKING:
     from .workflows import Run
@@ -44,7 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("altabots_emulator")
 
 BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_LEFT_OUT: Final = frozenset({"content-length", "connection", "transfer-encoding"})
 
 
 def is_loopback_host(host: str) -> bool:
@@ -71,6 +75,25 @@ class _Refused(Exception):
     """The webhook is not called (not loopback, or not a URL the emulator can call)."""
 
 
+class _LoopbackResolver(AbstractResolver):
+    """Resolves ``localhost`` (the one name let through) to its loopback addresses only."""
+
+    def __init__(self) -> None:
+        self._resolver = aiohttp.ThreadedResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        found = await self._resolver.resolve(host, port, family)
+        kept = [result for result in found if _is_loopback_address(result["host"])]
+        if not kept:
+            raise _Refused(f"{host} does not resolve to a loopback address")
+        return kept
+
+    async def close(self) -> None:
+        await self._resolver.close()
+
+
 class WebhookDeliveries:
     """Calls the webhooks of ended asynchronous runs and keeps the delivery log."""
 
@@ -79,6 +102,7 @@ class WebhookDeliveries:
         self.log: deque[dict[str, Any]] = deque(maxlen=log_size)
         self._timers: set[asyncio.TimerHandle] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._session: aiohttp.ClientSession | None = None
 
     def schedule(self, run: Run) -> None:
         """Call the run's webhooks when it ends (nothing for a run that never ends)."""
@@ -125,93 +149,42 @@ class WebhookDeliveries:
             "refused": False,
         }
         try:
-            entry["status"] = await asyncio.wait_for(self._send(method, url, webhook, body), self.timeout)
+            entry["status"] = await self._send(method, url, webhook.get("headers") or {}, body)
         except _Refused as exc:
             entry["refused"] = True
             entry["error"] = str(exc)
         except TimeoutError:
             entry["error"] = f"timed out after {self.timeout:g} s"
-        except (OSError, ValueError, ssl.SSLError) as exc:
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
             entry["error"] = f"{type(exc).__name__}: {exc}"
         self.log.append(entry)
 
-    async def _send(self, method: str, url: str, webhook: dict[str, Any], body: bytes) -> int:
+    async def _send(self, method: str, url: str, given: dict[str, Any], body: bytes) -> int:
         parts = urlsplit(url)
         host = parts.hostname or ""
         if parts.scheme not in ("http", "https") or not host:
             raise _Refused("only http and https URLs are called")
         if not is_loopback_host(host):
             raise _Refused("not a loopback host; the emulator calls only localhost, 127.0.0.0/8 and ::1")
-        if not _TOKEN.match(method):
-            raise ValueError(f"invalid webhook method {method!r}")
-        tls = parts.scheme == "https"
-        port = parts.port or (443 if tls else 80)
-        loop = asyncio.get_running_loop()
-        if host.lower() == "localhost":
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            addresses = [str(info[4][0]) for info in infos if _is_loopback_address(str(info[4][0]))]
-            if not addresses:
-                raise _Refused("localhost does not resolve to a loopback address")
-            address = addresses[0]
-        else:
-            address = host
-        request = self._request_bytes(method, parts, host, port, tls, webhook.get("headers") or {}, body)
-        reader, writer = await asyncio.open_connection(
-            address,
-            port,
-            ssl=ssl.create_default_context() if tls else None,
-            server_hostname=host if tls else None,
-        )
-        try:
-            writer.write(request)
-            await writer.drain()
-            status_line = await reader.readline()
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError, ssl.SSLError):
-                await writer.wait_closed()
-        fields = status_line.split(b" ", 2)
-        if len(fields) < 2 or not fields[0].startswith(b"HTTP/") or not fields[1].isdigit():
-            raise ValueError("the webhook receiver did not answer HTTP")
-        return int(fields[1])
-
-    @staticmethod
-    def _request_bytes(
-        method: str,
-        parts: Any,
-        host: str,
-        port: int,
-        tls: bool,
-        headers: dict[str, Any],
-        body: bytes,
-    ) -> bytes:
-        target = parts.path or "/"
-        if parts.query:
-            target = f"{target}?{parts.query}"
-        host_field = f"[{host}]" if ":" in host else host
-        if port != (443 if tls else 80):
-            host_field = f"{host_field}:{port}"
         has_body = method in BODY_METHODS
-        lines = [f"{method} {target} HTTP/1.1"]
-        given: set[str] = set()
-        for name, value in headers.items():
-            text = str(value)
-            lower = str(name).lower()
-            if not _TOKEN.match(str(name)) or "\r" in text or "\n" in text:
-                raise ValueError(f"invalid webhook header {name!r}")
-            if lower in ("content-length", "connection", "transfer-encoding"):
-                continue
-            given.add(lower)
-            lines.append(f"{name}: {text}")
-        defaults = [("Host", host_field), ("User-Agent", "altabots-emulator")]
+        headers = {
+            str(name): str(value) for name, value in given.items() if str(name).lower() not in _LEFT_OUT
+        }
+        present = {name.lower() for name in headers}
+        defaults = {"User-Agent": "altabots-emulator", "Connection": "close"}
         if has_body:
-            defaults.append(("Content-Type", "application/json"))
-        lines += [f"{name}: {value}" for name, value in defaults if name.lower() not in given]
-        if has_body:
-            lines.append(f"Content-Length: {len(body)}")
-        lines.append("Connection: close")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
-        return head + body if has_body else head
+            defaults["Content-Type"] = "application/json"
+        headers.update((name, value) for name, value in defaults.items() if name.lower() not in present)
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(resolver=_LoopbackResolver(), force_close=True),
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                skip_auto_headers=("User-Agent",),
+            )
+        async with self._session.request(
+            method, url, data=body if has_body else None, headers=headers, allow_redirects=False
+        ) as answer:
+            return answer.status
 
     def cancel_all(self) -> None:
         """Forget pending deliveries (runs not yet ended, and calls in flight)."""
@@ -221,6 +194,13 @@ class WebhookDeliveries:
         for task in list(self._tasks):
             task.cancel()
         self._tasks.clear()
+
+    async def close(self) -> None:
+        """Cancel pending deliveries and close the HTTP session (the emulator stops)."""
+        self.cancel_all()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
     def entries(self) -> list[dict[str, Any]]:
         """The delivery log, oldest first."""

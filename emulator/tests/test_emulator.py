@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import socket
@@ -774,7 +775,12 @@ class _Receiver:
                         "body": json.loads(body) if body else None,
                     }
                 )
-                self.send_response(204)
+                if self.path == "/redirect":
+                    self.send_response(302)
+                    self.send_header("Location", "/landed")
+                    self.send_header("Content-Length", "0")
+                else:
+                    self.send_response(204)
                 self.end_headers()
 
             do_POST = do_GET = do_PUT = _record
@@ -806,7 +812,7 @@ def test_webhooks_are_delivered_to_loopback_with_their_headers(
         {
             "method": "POST",
             "url": f"{receiver.url}/hook?x=1",
-            "headers": {"Authorization": "Bearer hook-token", "X-Extra": "yes"},
+            "headers": {"Authorization": "Bearer hook-token", "X-Extra": "yes", "Content-Length": "999"},
         },
         {"method": "GET", "url": f"{receiver.url}/ping", "headers": {"Accept": "application/json"}},
     ]
@@ -829,8 +835,68 @@ def test_webhooks_are_delivered_to_loopback_with_their_headers(
     assert post["body"]["status"] == "SUCCEED"
     assert post["body"]["input"] == {"topic": "hooks"}
     assert post["body"] == query(client, run_id).json()
+    assert post["headers"]["User-Agent"] == "altabots-emulator"
+    assert post["headers"]["Connection"] == "close"
+    assert post["headers"]["Content-Length"] == str(len(json.dumps(post["body"], separators=(",", ":"))))
     assert calls["GET"]["body"] is None
     assert calls["GET"]["headers"]["Accept"] == "application/json"
+    assert "Content-Type" not in calls["GET"]["headers"]
+
+
+def test_webhook_redirect_is_not_followed(client: httpx.Client, receiver: _Receiver) -> None:
+    start_run(client, webhook=[{"method": "POST", "url": f"{receiver.url}/redirect"}])
+    deliveries = wait_until(lambda: client.get("/_emulator/webhooks").json()["deliveries"])
+    assert deliveries[0]["status"] == 302
+    assert [call["path"] for call in receiver.calls] == ["/redirect"]
+
+
+def test_localhost_resolving_elsewhere_is_refused(
+    client: httpx.Client, monkeypatch: pytest.MonkeyPatch, receiver: _Receiver
+) -> None:
+    real_getaddrinfo = socket.getaddrinfo
+
+    def elsewhere(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "localhost":
+            return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("10.9.9.9", int(port)))]
+        return real_getaddrinfo(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", elsewhere)
+    port = receiver.url.rsplit(":", 1)[1]
+    start_run(client, webhook=[{"method": "POST", "url": f"http://localhost:{port}/"}])
+    deliveries = wait_until(lambda: client.get("/_emulator/webhooks").json()["deliveries"])
+    assert deliveries[0]["refused"] is True
+    assert "does not resolve to a loopback address" in deliveries[0]["error"]
+    assert receiver.calls == []
+
+
+def test_stop_cancels_a_webhook_call_in_flight() -> None:
+    """A receiver that never answers: stopping does not wait for the call's timeout."""
+    accepted = threading.Event()
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/"
+
+        def accept() -> None:
+            connection, _ = silent.accept()
+            accepted.set()
+            with connection:
+                connection.recv(65536)
+                time.sleep(30)
+
+        threading.Thread(target=accept, daemon=True).start()
+
+        async def scenario() -> tuple[list[dict[str, Any]], set[Any]]:
+            emulator = Emulator(api_keys=[KEY], run_seconds=0, pending_seconds=0, webhook_timeout=600)
+            base = await emulator.start_async()
+            async with httpx.AsyncClient(base_url=base) as http:
+                body = {"input": {}, "isAsync": True, "webhook": [{"method": "POST", "url": url}]}
+                assert (await http.post(INVOKE, json=body, headers=bearer())).status_code == 200
+            assert await asyncio.to_thread(accepted.wait, 30)
+            await asyncio.wait_for(emulator.stop_async(), 30)
+            return emulator.webhook_deliveries(), asyncio.all_tasks() - {asyncio.current_task()}
+
+        deliveries, left = asyncio.run(scenario())
+    assert deliveries == []
+    assert left == set()
 
 
 def test_webhook_to_non_loopback_host_is_refused_and_never_contacted(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -10,9 +11,11 @@ import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -239,7 +242,7 @@ def test_malformed_request_answers_400_and_closes(address: tuple[str, int]) -> N
         status, headers, body = _read_response(sock, bytearray())
         assert sock.recv(1024) == b""
     assert status == 400
-    assert headers["connection"] == "close"
+    assert headers["content-type"] == "application/json"
     assert json.loads(body)["code"] == 40000
 
 
@@ -260,3 +263,77 @@ def test_too_large_head_is_refused(address: tuple[str, int]) -> None:
         sock.sendall(b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 70_000)
         status, _, _ = _read_response(sock, bytearray())
     assert status == 431
+
+
+def _wait_until(predicate: Callable[[], Any], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout} s")
+        time.sleep(0.02)
+
+
+def test_drop_closes_with_no_byte_and_no_error_logged(caplog: pytest.LogCaptureFixture) -> None:
+    with Emulator(api_keys=[KEY]) as emulator:
+        emulator.set_faults(drop={"count": 1})
+        with socket.create_connection(("127.0.0.1", emulator.server.port), timeout=10) as sock:
+            sock.sendall(_request("GET", VERIFY))
+            assert sock.recv(1024) == b""
+        assert [(r["dropped"], r["status"]) for r in emulator.requests()] == [(True, None)]
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_access_log_names_each_request_and_its_answer(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="altabots_emulator.access")
+    with (
+        Emulator(api_keys=[KEY], access_log=True) as emulator,
+        httpx.Client(base_url=emulator.url, timeout=10) as http,
+    ):
+        http.get(VERIFY, headers={"Authorization": KEY})
+        http.get("/nope?x=1")
+        emulator.set_faults(drop={"count": 1})
+        with pytest.raises(httpx.TransportError):
+            http.get(VERIFY, headers={"Authorization": KEY})
+    lines = [r.getMessage() for r in caplog.records if r.name == "altabots_emulator.access"]
+    assert lines == [f"GET {VERIFY} -> 200", "GET /nope?x=1 -> 404", f"GET {VERIFY} -> dropped"]
+
+
+def test_no_access_log_by_default(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    with Emulator(api_keys=[KEY]) as emulator, httpx.Client(base_url=emulator.url) as http:
+        assert http.get(VERIFY, headers={"Authorization": KEY}).status_code == 200
+    assert [r for r in caplog.records if r.name.endswith("access")] == []
+
+
+def test_client_going_away_ends_its_held_sync_invoke() -> None:
+    with Emulator(api_keys=[KEY], outcome="never") as emulator:
+        invoke = json.dumps({"input": {"q": "held"}}).encode()
+        with socket.create_connection(("127.0.0.1", emulator.server.port), timeout=10) as sock:
+            sock.sendall(_request("POST", INVOKE, invoke))
+            _wait_until(lambda: emulator.stats()["sync_waiting"] == 1)
+        _wait_until(lambda: emulator.stats()["sync_waiting"] == 0)
+        assert len(emulator.runs()) == 1
+
+
+def test_body_over_16_mib_answers_413_in_json(address: tuple[str, int]) -> None:
+    with httpx.Client(timeout=60) as http:
+        answer = http.post(
+            f"http://{address[0]}:{address[1]}{INVOKE}",
+            content=b" " * (16 * 1024 * 1024 + 1),
+            headers={"Authorization": KEY},
+        )
+    assert answer.status_code == 413
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.json() == {"code": 41300, "message": "request body too large"}
+
+
+def test_ipv6_host_is_bracketed_in_url() -> None:
+    try:
+        with socket.create_server(("::1", 0), family=socket.AF_INET6):
+            pass
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    with Emulator(host="::1", api_keys=[KEY]) as emulator:
+        assert emulator.url == f"http://[::1]:{emulator.server.port}"
+        with httpx.Client(base_url=emulator.url, timeout=10) as http:
+            assert http.get(VERIFY, headers={"Authorization": KEY}).status_code == 200
