@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from tests.conftest import REPO
 from tests.e2e.harness import Deployment, connection_fields, session_members
+from tests.e2e.harness.airflow import JOB_TYPES
+from tests.e2e.harness.deployment import READINESS
+from tests.e2e.harness.processes import process_title
 from tests.e2e.waiting import wait_until
 
 if TYPE_CHECKING:
@@ -189,3 +194,36 @@ def test_a_connection_is_an_api_key_or_a_key_with_extras(tmp_path: Path) -> None
     for wrong in ({"extra": {}}, {"password": "k", "extra": "{}"}, {"password": "k", "host": "elsewhere"}):
         with pytest.raises(ValueError, match="connection c"):
             connection_fields("c", wrong)
+
+
+def test_every_component_kind_has_one_readiness_check() -> None:
+    # The kinds Deployment starts: the database server, the emulator, and Airflow's components.
+    assert set(READINESS) == {"postgres", "emulator", "api-server", *JOB_TYPES}
+    assert READINESS["triggerer"].what == "a heartbeat of its job"
+
+
+def test_a_process_title_and_session_are_read_as_airflow_sets_them() -> None:
+    # setproctitle (which titles Airflow's workers) pads the title with NULs.
+    script = (
+        "import setproctitle, sys; setproctitle.setproctitle('airflow worker -- LocalExecutor: ti-1'); "
+        "print('titled', flush=True); sys.stdin.read()"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert child.stdin is not None
+    assert child.stdout is not None
+    try:
+        assert child.stdout.readline() == "titled\n"
+        assert process_title(child.pid) == "airflow worker -- LocalExecutor: ti-1"
+        assert session_members([child.pid]) == [child.pid]
+    finally:
+        child.stdin.close()
+        child.wait(timeout=30)
+        child.stdout.close()
+    assert process_title(child.pid) is None
+    assert session_members([child.pid]) == []

@@ -85,9 +85,13 @@ def session_members(sessions: Iterable[int]) -> list[int]:
 
 
 def process_title(pid: int) -> str | None:
-    """A process's title (its command line, as setproctitle leaves it); None when it is gone."""
+    """
+    A process's title (its command line, as setproctitle leaves it); None when it is gone.
+
+    setproctitle pads the title with NULs, which psutil hands back as empty arguments: dropped.
+    """
     try:
-        return " ".join(psutil.Process(pid).cmdline())
+        return " ".join(arg for arg in psutil.Process(pid).cmdline() if arg)
     except psutil.Error:
         return None
 
