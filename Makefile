@@ -105,9 +105,10 @@ test-compat: dist
 	$(BIN)/python scripts/compat.py $(COMPAT_WHEELS)
 
 # A running deployment to look at by hand: PostgreSQL, emulator, API server, scheduler,
-# DAG processor and triggerer, on loopback; Ctrl-C stops it.
+# DAG processor and triggerer, on loopback; Ctrl-C stops it. The end-to-end suite's own harness
+# (tests/e2e/harness), run as a module; `$(BIN)/python -m tests.e2e.harness --help` lists options.
 deployment: $(INSTALLED) e2e-env postgres
-	$(BIN)/python scripts/deployment.py
+	$(BIN)/python -m tests.e2e.harness
 
 $(BENCH_VENV)/bin/python:
 	@test -n "$(PYTHON)" || { echo "make: Python 3.11 or newer is needed"; exit 1; }

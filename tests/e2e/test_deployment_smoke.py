@@ -1,5 +1,5 @@
 """
-Smoke tests of the end-to-end deployment itself (``scripts/deployment.py``): one deferrable DAG
+Smoke tests of the end-to-end deployment itself (``tests/e2e/harness``): one deferrable DAG
 run through the real processes, and the triggerer life cycle the other end-to-end tests rely on
 (kill, restart, a second triggerer taking over).
 """
@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from scripts.deployment import Deployment, connection_fields, session_members
 from tests.conftest import REPO
+from tests.e2e.harness import Deployment, connection_fields, session_members
+from tests.e2e.harness.airflow import JOB_TYPES
+from tests.e2e.harness.deployment import READINESS
+from tests.e2e.harness.processes import process_title
 from tests.e2e.waiting import wait_until
 
 if TYPE_CHECKING:
@@ -98,9 +103,9 @@ def xcom_value(deployment: Deployment, run_id: str, key: str) -> Any:
 
 
 def test_deferred_run_succeeds_through_every_component(deployment: Deployment) -> None:
-    deployment.emulator_reset()
+    deployment.emulator.reset()
     # Longer than the worker's first checks (polling.CHECK_ON_WORKER_SECONDS), so the task defers.
-    deployment.set_workflow(API_KEY, output=OUTPUT, run_seconds=8)
+    deployment.emulator.set_workflow(API_KEY, output=OUTPUT, run_seconds=8)
 
     run_id = deployment.trigger_dag(DAG_ID)
     assert deployment.wait_for_dag_run(DAG_ID, run_id, timeout=120) == "success"
@@ -112,25 +117,25 @@ def test_deferred_run_succeeds_through_every_component(deployment: Deployment) -
     assert rows == [("success", 1)]
     assert xcom_value(deployment, run_id, "return_value") == OUTPUT
 
-    invokes = deployment.emulator_requests("/v1/workflow/invoke")
+    invokes = deployment.emulator.requests("/v1/workflow/invoke")
     assert len(invokes) == 1
     assert invokes[0]["body"]["input"] == {"q": "hi"}
-    (run,) = deployment.emulator_runs()
+    (run,) = deployment.emulator.runs()
     assert xcom_value(deployment, run_id, "workflow_run_id") == run["run_id"]
-    assert deployment.emulator_run(run["run_id"])["record"]["output"] == OUTPUT
+    assert deployment.emulator.run(run["run_id"])["record"]["output"] == OUTPUT
     # The triggerer, not the worker, waited: its trigger log says the trigger fired.
     logs = trigger_logs(deployment, run_id)
     assert list(logs) == [deployment.job_id("triggerer")]
     (text,) = logs.values()
     assert "Trigger fired event" in text
     assert "trigger completed" in text
-    assert deployment.emulator_requests("/v1/workflow/query/result")
+    assert deployment.emulator.requests("/v1/workflow/query/result")
 
 
 def test_triggerer_kill_restart_and_takeover(deployment: Deployment) -> None:
-    deployment.emulator_reset()
+    deployment.emulator.reset()
     # Runs long enough to kill a triggerer in the middle of each.
-    deployment.set_workflow(API_KEY, output=OUTPUT, run_seconds=8)
+    deployment.emulator.set_workflow(API_KEY, output=OUTPUT, run_seconds=8)
 
     # 1. Kill the triggerer holding the trigger; restart it under the same name.
     run_id = deployment.trigger_dag(DAG_ID)
@@ -162,7 +167,7 @@ def test_triggerer_kill_restart_and_takeover(deployment: Deployment) -> None:
     assert logs.keys() == {holder, survivor}
     assert "Trigger fired event" in logs[survivor]
     assert xcom_value(deployment, run_id, "return_value") == OUTPUT
-    assert len(deployment.emulator_requests("/v1/workflow/invoke")) == 2
+    assert len(deployment.emulator.requests("/v1/workflow/invoke")) == 2
 
     # The killed one comes back under its name, whichever it was.
     deployment.restart(by_job[holder])
@@ -178,14 +183,47 @@ def test_a_connection_is_an_api_key_or_a_key_with_extras(tmp_path: Path) -> None
         connections={"plain": "key-1", "tuned": {"password": "key-2", "extra": {"requests_per_minute": 30}}},
     )
     deployment.emulator_url = "http://127.0.0.1:1"
-    env = deployment._airflow_env()
+    env = deployment.airflow_env()
     assert json.loads(env["AIRFLOW_CONN_PLAIN"]) == {
         "conn_type": "altabots",
         "host": "http://127.0.0.1:1",
         "password": "key-1",
     }
     assert json.loads(env["AIRFLOW_CONN_TUNED"])["extra"] == {"requests_per_minute": 30}
-    assert deployment._emulator_argv(0)[-4:] == ["--api-key", "key-1", "--api-key", "key-2"]
+    assert deployment.emulator_argv(0)[-4:] == ["--api-key", "key-1", "--api-key", "key-2"]
     for wrong in ({"extra": {}}, {"password": "k", "extra": "{}"}, {"password": "k", "host": "elsewhere"}):
         with pytest.raises(ValueError, match="connection c"):
             connection_fields("c", wrong)
+
+
+def test_every_component_kind_has_one_readiness_check() -> None:
+    # The kinds Deployment starts: the database server, the emulator, and Airflow's components.
+    assert set(READINESS) == {"postgres", "emulator", "api-server", *JOB_TYPES}
+    assert READINESS["triggerer"].what == "a heartbeat of its job"
+
+
+def test_a_process_title_and_session_are_read_as_airflow_sets_them() -> None:
+    # setproctitle (which titles Airflow's workers) pads the title with NULs.
+    script = (
+        "import setproctitle, sys; setproctitle.setproctitle('airflow worker -- LocalExecutor: ti-1'); "
+        "print('titled', flush=True); sys.stdin.read()"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert child.stdin is not None
+    assert child.stdout is not None
+    try:
+        assert child.stdout.readline() == "titled\n"
+        assert process_title(child.pid) == "airflow worker -- LocalExecutor: ti-1"
+        assert session_members([child.pid]) == [child.pid]
+    finally:
+        child.stdin.close()
+        child.wait(timeout=30)
+        child.stdout.close()
+    assert process_title(child.pid) is None
+    assert session_members([child.pid]) == []

@@ -2,7 +2,7 @@
 The provider in a real deployment, broken on purpose.
 
 PostgreSQL, the emulator, and Airflow's API server, scheduler (LocalExecutor), DAG processor
-and triggerer run as separate processes on loopback (``scripts/deployment.py``), with the
+and triggerer run as separate processes on loopback (``tests/e2e/harness``), with the
 provider installed from its wheel. Each scenario asserts on Airflow's own state (task instance
 states, XCom, trigger rows, logs) and on the emulator's request log.
 
@@ -171,7 +171,7 @@ class Sampler(threading.Thread):
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory) -> Iterator[Any]:
-    from scripts.deployment import Deployment
+    from tests.e2e.harness import Deployment
 
     airflow_bin = REPO / ".venv-e2e" / "bin"
     if not (airflow_bin / "airflow").exists():
@@ -193,7 +193,7 @@ def deployment(tmp_path_factory) -> Iterator[Any]:
     ) as d:
         print(f"deployment on {d.backend} ({d.backend_reason or 'PostgreSQL available'})")
         for conn_id, workflow in WORKFLOWS.items():
-            d.set_workflow(KEYS[conn_id], name=conn_id, **workflow)
+            d.emulator.set_workflow(KEYS[conn_id], name=conn_id, **workflow)
         for name in RATE_SCENARIOS:
             d.set_pool(f"altabots_rate_{name}", RATE_POOL_SLOTS, f"the tasks of API key altabots_rate_{name}")
         sampler = Sampler(d)
@@ -223,7 +223,9 @@ def first_wave(deployment: Any) -> Iterator[dict[str, str]]:
     d = deployment
     on_postgres = d.backend == "postgresql"
     storm = KEYS["altabots_storm"]
-    d.set_faults(rate_limit={"limit": 5, "window_seconds": 5, "headers": "ratelimit", "api_key": storm})
+    d.emulator.set_faults(
+        rate_limit={"limit": 5, "window_seconds": 5, "headers": "ratelimit", "api_key": storm}
+    )
     runs = {
         dag_id: d.trigger_dag(dag_id) for dag_id in FIRST_WAVE + (FIRST_WAVE_POSTGRES if on_postgres else ())
     }
@@ -233,9 +235,9 @@ def first_wave(deployment: Any) -> Iterator[dict[str, str]]:
     def bursts_of_5xx() -> None:
         """Every 15 s, the API answers every status check of the storm's key with 503 for 3 s."""
         while not stop.wait(12):
-            d.set_faults(server_errors=outage)
+            d.emulator.set_faults(server_errors=outage)
             stop.wait(3)
-            d.set_faults(server_errors=None)
+            d.emulator.set_faults(server_errors=None)
 
     rearming = threading.Thread(target=bursts_of_5xx, daemon=True)
     crashes = CrashDriver(d)
@@ -280,7 +282,7 @@ def ti_ids(d: Any, dag_id: str) -> set[str]:
 def invokes(d: Any, conn_id: str) -> list[dict[str, Any]]:
     key = KEYS[conn_id]
     return [
-        r for r in d.emulator_requests("/v1/workflow/invoke") if key in r["headers"].get("Authorization", "")
+        r for r in d.emulator.requests("/v1/workflow/invoke") if key in r["headers"].get("Authorization", "")
     ]
 
 
@@ -288,7 +290,7 @@ def queries(d: Any, conn_id: str) -> list[dict[str, Any]]:
     key = KEYS[conn_id]
     return [
         r
-        for r in d.emulator_requests("/v1/workflow/query/result")
+        for r in d.emulator.requests("/v1/workflow/query/result")
         if key in r["headers"].get("Authorization", "")
     ]
 
@@ -324,7 +326,7 @@ def test_1_deferrable_run_holds_no_worker_while_it_waits(deployment: Any, first_
     )
     # The workflow is still running at the emulator, and the task waits on the triggerer.
     workflow_run_id = xcom(d, "e2e_deferred", run_id, "deferred", "workflow_run_id")
-    (emulated,) = [run for run in d.emulator_runs() if run["run_id"] == workflow_run_id]
+    (emulated,) = [run for run in d.emulator.runs() if run["run_id"] == workflow_run_id]
     assert emulated["status"] in ("PENDING", "RUNNING")
     wait_until(
         "the trigger to run on a triggerer",
@@ -342,7 +344,7 @@ def test_1_deferrable_run_holds_no_worker_while_it_waits(deployment: Any, first_
     for _ in range(10):
         assert holders() == [], f"a worker process holds the deferred task: {holders()}"
         time.sleep(0.5)
-    assert d.emulator_run(workflow_run_id)["status"] in ("PENDING", "RUNNING")
+    assert d.emulator.run(workflow_run_id)["status"] in ("PENDING", "RUNNING")
     assert d.wait_for_dag_run("e2e_deferred", run_id, timeout=180) == "success"
     output = xcom(d, "e2e_deferred", run_id, "deferred", "return_value")
     record = xcom(d, "e2e_deferred", run_id, "deferred", "workflow_run")
@@ -383,7 +385,7 @@ def test_6_rate_limit_storm_and_5xx_bursts_are_ridden_out(postgres: Any, first_w
     d, run_id = postgres, first_wave["e2e_storm"]
     assert d.wait_for_dag_run("e2e_storm", run_id, timeout=480) == "success"
     d.first_wave_stop.set()
-    d.clear_faults()
+    d.emulator.clear_faults()
     assert {state for _, _, state, _ in ti_rows(d, "e2e_storm", run_id)} == {"success"}
     started = [r for r in invokes(d, "altabots_storm") if r["status"] == 200]
     assert len(started) == 10  # 429-refused invokes started nothing; each task paid once
@@ -512,7 +514,7 @@ class CrashDriver(threading.Thread):
 
     def crash(self, dag_id: str, conn_id: str, path: str, held: Callable[[], Any]) -> None:
         hold = {"seconds": 300, "count": 1, "paths": [path], "api_key": KEYS[conn_id], "after_create": True}
-        self.d.set_faults(delay=hold)
+        self.d.emulator.set_faults(delay=hold)
         run_id = self.runs[dag_id] = self.d.trigger_dag(dag_id)
         wait_until(f"{dag_id}: the emulator to hold {path}", held, 120, every=0.1)
         kill_worker_of(self.d, dag_id, run_id)
@@ -535,7 +537,7 @@ def test_5_worker_killed_after_invoke_resumes_the_same_run(postgres: Any, first_
     assert (state, try_number) == ("success", 2)
     workflow_run_id = xcom(d, "e2e_worker_crash", run_id, "crash", "workflow_run_id")
     assert len(invokes(d, "altabots_crash")) == 1
-    assert [run["run_id"] for run in d.emulator_runs() if run["api_key"] == KEYS["altabots_crash"]] == [
+    assert [run["run_id"] for run in d.emulator.runs() if run["api_key"] == KEYS["altabots_crash"]] == [
         workflow_run_id
     ]
     # The second try found the run still going in the task state store, and waited for it.
@@ -662,8 +664,8 @@ def arm_rate_limits(d: Any) -> None:
         for name, scenario in RATE_SCENARIOS.items()
         if scenario.headers is not None
     ]
-    d.clear_faults()
-    armed = d.set_faults(rate_limit=limits)
+    d.emulator.clear_faults()
+    armed = d.emulator.set_faults(rate_limit=limits)
     assert armed.keys() == {"rate_limit"}
     shown = [(f["api_key"], f["limit"], f["window_seconds"], f["headers"]) for f in armed["rate_limit"]]
     wanted = [(f["api_key"], f["limit"], f["window_seconds"], f["headers"]) for f in limits]
@@ -821,7 +823,7 @@ def check_rate_run(d: Any, run: RateRun, owners: set[int] | None = None) -> dict
     state = wait_for_rate_run(d, run, owners)
     conn_id = f"altabots_rate_{run.scenario}"
     key = KEYS[conn_id]
-    requests = [r for r in d.emulator_requests() if key in r["headers"].get("Authorization", "")]
+    requests = [r for r in d.emulator.requests() if key in r["headers"].get("Authorization", "")]
     figures = rate_figures(d, run, requests)
     if owners is not None:
         figures["triggerer_jobs_holding_triggers"] = len(owners)
@@ -844,7 +846,7 @@ def check_rate_run(d: Any, run: RateRun, owners: set[int] | None = None) -> dict
     if scenario.headers is None:
         assert figures["requests_429"] == 0, f"{conn_id} has no limit, yet was answered 429: {summary}"
     else:
-        (limit,) = [f for f in d.emulator_faults()["rate_limit"] if f["api_key"] == key]
+        (limit,) = [f for f in d.emulator.faults()["rate_limit"] if f["api_key"] == key]
         assert key in limit["windows"], f"the rate limit of {conn_id} counted none of its requests"
         assert limit["hits"] == figures["requests_429"], summary
 
@@ -1064,7 +1066,7 @@ def test_9_no_key_or_webhook_token_in_logs_or_tables(deployment: Any, first_wave
 
 def decryptor(d: Any) -> Callable[[str], str]:
     """Trigger kwargs are Fernet-encrypted when a key is set: decrypt them, or the scan proves nothing."""
-    key = d.airflow("config", "get-value", "core", "fernet_key", check=False).stdout.strip()
+    key = d.airflow.cli("config", "get-value", "core", "fernet_key", check=False).stdout.strip()
     if not key:
         return lambda text: text
     from cryptography.fernet import Fernet
