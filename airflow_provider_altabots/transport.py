@@ -163,26 +163,24 @@ class Progress:
                 sock.shutdown(socket.SHUT_RDWR)
 
 
-def _named_failure(
-    request: protocol.ApiRequest,
-    url: str,
-    error: BaseException,
-    progress: Progress,
-    *,
-    unbuildable: tuple[type[BaseException], ...],
-    before_sending: tuple[type[BaseException], ...],
-) -> AltaBotsError:
-    """
-    A library's exception as this provider's error.
+class ErrorKinds(NamedTuple):
+    """What an HTTP library's exceptions say about a request that failed."""
 
-    :param unbuildable: the library's errors for a request it refused to build.
-    :param before_sending: its errors that can only come before anything was written.
-    """
+    #: The library's errors for a request it refused to build.
+    unbuildable: tuple[type[BaseException], ...]
+    #: Its errors that can only come before anything was written.
+    before_sending: tuple[type[BaseException], ...]
+
+
+def _named_failure(
+    request: protocol.ApiRequest, url: str, error: BaseException, progress: Progress, kinds: ErrorKinds
+) -> AltaBotsError:
+    """A library's exception as this provider's error."""
     if is_certificate_failure(error):
         return protocol.certificate_error(request, url)
-    if isinstance(error, unbuildable) and not progress.writing:
+    if isinstance(error, kinds.unbuildable) and not progress.writing:
         return protocol.request_error(request, url, type(error).__name__)
-    surely_unsent = any(isinstance(cause, before_sending) for cause in _chain(error))
+    surely_unsent = any(isinstance(cause, kinds.before_sending) for cause in _chain(error))
     sent = progress.may_have_sent and not surely_unsent
     return protocol.network_error(request, url, describe_failure(error), sent=sent)
 
@@ -238,7 +236,7 @@ class RequestsTransport:
             return result
         if isinstance(result, AltaBotsError):
             raise result
-        raise _requests_failure(request, url, result, progress)
+        raise _named_failure(request, url, result, progress, _requests_error_kinds())
 
     def close(self) -> None:
         if self._session is not None:
@@ -278,17 +276,11 @@ def _no_netrc(prepared: requests.PreparedRequest) -> requests.PreparedRequest:
     return prepared
 
 
-def _requests_failure(
-    request: protocol.ApiRequest, url: str, error: BaseException, progress: Progress
-) -> AltaBotsError:
+def _requests_error_kinds() -> ErrorKinds:
     import requests
     import urllib3.exceptions
 
-    return _named_failure(
-        request,
-        url,
-        error,
-        progress,
+    return ErrorKinds(
         unbuildable=(
             requests.exceptions.InvalidHeader,
             requests.exceptions.InvalidURL,
@@ -441,19 +433,13 @@ async def aexchange(
         ) from None
     except (httpx.HTTPError, httpx.InvalidURL, UnicodeError, OSError) as error:
         # OSError: httpx's async backend lets an ssl.SSLError from a broken TLS stream through.
-        raise _httpx_failure(request, url, error, progress) from None
+        raise _named_failure(request, url, error, progress, _httpx_error_kinds()) from None
 
 
-def _httpx_failure(
-    request: protocol.ApiRequest, url: str, error: BaseException, progress: Progress
-) -> AltaBotsError:
+def _httpx_error_kinds() -> ErrorKinds:
     import httpx
 
-    return _named_failure(
-        request,
-        url,
-        error,
-        progress,
+    return ErrorKinds(
         unbuildable=(httpx.InvalidURL, httpx.UnsupportedProtocol, httpx.LocalProtocolError, UnicodeError),
         before_sending=(httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout),
     )

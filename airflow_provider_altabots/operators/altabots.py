@@ -143,15 +143,11 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
         self.input = input
         self.user_id = user_id
         self.webhooks = webhooks
-        self.altabots_conn_id = altabots_conn_id
         self.sync_invoke = sync_invoke
         self.wait_for_termination = wait_for_termination
-        self.deferrable = deferrable
         self.poll_interval = poll_interval
-        self.max_poll_interval = max_poll_interval
         self.timeout = timeout
-        self.max_consecutive_failures = max_consecutive_failures
-        self.policy  # noqa: B018 - checks the intervals now, at DAG parse time
+        self.keep_waiting_settings(altabots_conn_id, deferrable, max_poll_interval, max_consecutive_failures)
         if timeout is not None:
             self.timeout = protocol.positive_seconds(timeout, "timeout")
         self.workflow_run_id: str | None = None

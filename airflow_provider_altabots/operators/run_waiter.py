@@ -31,6 +31,9 @@ class RunWaiterMixin:
     """Mixed into operators that wait for a workflow run; expects the attributes below."""
 
     altabots_conn_id: str
+    deferrable: bool
+    max_poll_interval: float
+    max_consecutive_failures: int
     do_xcom_push: bool
     log: Any
 
@@ -45,6 +48,21 @@ class RunWaiterMixin:
         def policy(self) -> PollPolicy: ...
 
         def defer(self, *, trigger: Any, method_name: str, **kwargs: Any) -> NoReturn: ...
+
+    def keep_waiting_settings(
+        self,
+        altabots_conn_id: str,
+        deferrable: bool,
+        max_poll_interval: float,
+        max_consecutive_failures: int,
+    ) -> None:
+        """Keep the settings the operator and the sensor share, and check the waiting policy they
+        make with the class's own (a mistake fails the DAG's parse, not a run)."""
+        self.altabots_conn_id = altabots_conn_id
+        self.deferrable = deferrable
+        self.max_poll_interval = max_poll_interval
+        self.max_consecutive_failures = max_consecutive_failures
+        self.policy  # noqa: B018 - builds the policy, which checks the intervals
 
     @cached_property
     def hook(self) -> AltaBotsHook:

@@ -65,11 +65,7 @@ class AltaBotsWorkflowRunSensor(RunWaiterMixin, BaseSensorOperator):
     ) -> None:
         super().__init__(poke_interval=poke_interval, **kwargs)
         self.workflow_run_id = workflow_run_id
-        self.altabots_conn_id = altabots_conn_id
-        self.deferrable = deferrable
-        self.max_poll_interval = max_poll_interval
-        self.max_consecutive_failures = max_consecutive_failures
-        self.policy  # noqa: B018 - checks the intervals now, at DAG parse time
+        self.keep_waiting_settings(altabots_conn_id, deferrable, max_poll_interval, max_consecutive_failures)
         self._watch: RunWatch | None = None
 
     @property
