@@ -12,7 +12,7 @@ itself costs little). ``--processes`` spreads the clients over that many process
 
 Example::
 
-    python tests/emulator/load.py --clients 300 --seconds 10
+    python emulator/tests/load.py --clients 300 --seconds 10
 """
 
 from __future__ import annotations
