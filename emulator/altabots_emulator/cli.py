@@ -5,6 +5,12 @@ When it is ready it prints exactly one line to stdout, ``altabots-emulator liste
 http://127.0.0.1:PORT`` (``https`` with TLS), so a script can start it with ``--port 0`` and read
 the port from that line. Anything else it says goes to stderr. It stops cleanly on SIGTERM or
 SIGINT (Ctrl-C) and exits 0; it exits 1 when it cannot listen and 2 on a bad option.
+
+It does not read its standard input, unless given ``--stop-on-stdin-eof``: then it reads and
+discards it, and stops as cleanly (exit status 0) when it reaches end of file. A program that
+starts it with a pipe as its stdin and keeps the pipe's write end open thus takes it down with
+itself however it ends, SIGKILL included: the system closes that end when the program's
+process is gone. (:class:`~altabots_emulator.process.EmulatorProcess` does so.)
 """
 
 from __future__ import annotations
@@ -13,8 +19,10 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
+import threading
 from typing import TYPE_CHECKING
 
 from .emulator import DEFAULT_API_KEY, Emulator
@@ -105,10 +113,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--access-log", action="store_true", help="log every request to stderr (slower)")
     parser.add_argument("--quiet", action="store_true", help="say nothing on stderr but warnings and errors")
+    parser.add_argument(
+        "--stop-on-stdin-eof",
+        action="store_true",
+        help="stop cleanly when standard input reaches end of file (read and discarded until then), "
+        "e.g. when the process holding the other end of a pipe ends, however it ends",
+    )
     return parser
 
 
-async def _serve(emulator: Emulator) -> int:
+def _stop_at_stdin_eof(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """Read standard input to its end (discarding it), then have ``loop`` set ``stop``.
+
+    Runs in a thread of its own, on the file descriptor (no lock of ``sys.stdin`` held), so that
+    it works on every system and with stdin a pipe, a file or a terminal.
+    """
+    try:
+        while os.read(0, 65536):
+            pass
+    except OSError as exc:
+        log.warning("cannot read standard input (%s): stopping", exc)
+    else:
+        log.info("standard input closed: stopping")
+    # The loop is gone when the emulator already stopped otherwise: nothing left to do then.
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(stop.set)
+
+
+async def _serve(emulator: Emulator, *, stop_on_stdin_eof: bool = False) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -119,6 +151,11 @@ async def _serve(emulator: Emulator) -> int:
     except OSError as exc:
         print(f"altabots-emulator: cannot listen on {emulator.url}: {exc}", file=sys.stderr)
         return 1
+    if stop_on_stdin_eof:
+        # A daemon thread: one still blocked in its read does not hold the process's exit.
+        threading.Thread(
+            target=_stop_at_stdin_eof, args=(loop, stop), name="altabots-emulator-stdin", daemon=True
+        ).start()
     print(f"altabots-emulator listening on {url}", flush=True)
     log.info("API keys: %s", ", ".join(emulator.api_keys))
     await stop.wait()
@@ -161,6 +198,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"altabots-emulator: {exc}", file=sys.stderr)
         return 1
     try:
-        return asyncio.run(_serve(emulator))
+        return asyncio.run(_serve(emulator, stop_on_stdin_eof=args.stop_on_stdin_eof))
     except KeyboardInterrupt:
         return 0

@@ -7,10 +7,17 @@ does, so that a DAG's task, its trigger and the emulator never share an event lo
     with EmulatorProcess(["--api-key", "my-key", "--run-seconds", "0.5"]) as emulator:
         emulator.url       # http://127.0.0.1:PORT, a free port
         emulator.client    # an EmulatorClient for it
+
+:meth:`EmulatorProcess.stop` (or leaving the ``with``) ends it with SIGTERM. It ends with the
+process that started it all the same, however that one ends (SIGKILL included): the command runs
+with ``--stop-on-stdin-eof`` and a pipe as its stdin, whose write end this process holds, and the
+system closes that end when this process is gone. A child forked from this process without
+``exec`` inherits the write end, and keeps the emulator up until that child ends too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
@@ -26,7 +33,7 @@ READY_PREFIX: Final = "altabots-emulator listening on "
 
 
 class EmulatorProcess:
-    """Start ``python -m altabots_emulator --port 0 ARGS`` and wait until it listens.
+    """Start ``python -m altabots_emulator --port 0 --stop-on-stdin-eof ARGS`` and wait until it listens.
 
     ``args`` are the command's options (``altabots-emulator --help``); ``host`` and ``port``
     default to 127.0.0.1 and a free port. ``python`` is the interpreter to run it with (this
@@ -46,10 +53,14 @@ class EmulatorProcess:
         argv = [python, "-m", "altabots_emulator", *args]
         if "--port" not in args:
             argv += ["--port", "0"]
+        if "--stop-on-stdin-eof" not in args:
+            argv.append("--stop-on-stdin-eof")
         self.argv = argv
         # The emulator's own command, with the caller's options as separate arguments (no shell).
+        # Its stdin is a pipe whose write end (self.process.stdin) is never written: the pipe
+        # closes when this process ends, and the emulator stops then.
         self.process = subprocess.Popen(  # noqa: S603
-            argv, stdout=subprocess.PIPE, stderr=stderr, text=True
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True
         )
         self.url = self._wait_listening(start_timeout)
         self.client = EmulatorClient(self.url)
@@ -71,7 +82,7 @@ class EmulatorProcess:
         return line[len(READY_PREFIX) :]
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop it (SIGTERM, then SIGKILL after ``timeout`` seconds) and close the client."""
+        """Stop it (SIGTERM, then SIGKILL after ``timeout`` seconds) and close the client and pipes."""
         client = getattr(self, "client", None)
         if client is not None:
             client.close()
@@ -82,6 +93,9 @@ class EmulatorProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout)
+        if self.process.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.process.stdin.close()
         if self.process.stdout is not None:
             self.process.stdout.close()
 

@@ -10,8 +10,12 @@ Installed with ``altabots-emulator``, pytest loads it by itself. It gives a test
 * ``altabots_dag_test``: run a DAG (or a DAG id of the DAGs folder) with Airflow's
   ``dag.test()``; returns a :class:`DagTestResult` with the task states, XComs and everything
   printed. ``altabots_airflow_db`` (session, used by it) runs ``airflow db migrate`` first: point
-  ``AIRFLOW_HOME`` at a scratch folder for tests.
-* ``altabots_emulator_process`` (session): the one emulator process behind both.
+  ``AIRFLOW_HOME`` at a scratch folder for tests. Under pytest-xdist (``-n``) the workers that
+  share one ``AIRFLOW_HOME`` migrate it one at a time, under a lock file there, and only the
+  first of them in a run migrates when they share their Airflow settings too.
+* ``altabots_emulator_process`` (session): the one emulator process behind both (an
+  :class:`~altabots_emulator.process.EmulatorProcess`: it ends with the session, or with the
+  pytest process should that be killed).
 
 Settings, in the ``[tool.pytest.ini_options]`` of a ``pyproject.toml`` (or any pytest ini):
 
@@ -28,19 +32,22 @@ of an environment where the emulator is installed.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
 
 import pytest
 
 from .client import EmulatorClient
 
 if TYPE_CHECKING:
-    import os
     from collections.abc import Callable, Iterator
 
     from .process import EmulatorProcess
@@ -48,6 +55,8 @@ if TYPE_CHECKING:
 DEFAULT_KEY = "emulator-key"
 DEFAULT_CONN_ID = "altabots_default"
 CONN_TYPE = "altabots"
+#: The file in AIRFLOW_HOME that ``altabots_airflow_db`` locks while it migrates.
+MIGRATION_LOCK = ".altabots_airflow_db.lock"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -138,7 +147,8 @@ def load_dag(dag_id: str, path: str | os.PathLike[str] | None = None) -> Any:
 
 @pytest.fixture(scope="session")
 def altabots_emulator_process(pytestconfig: pytest.Config) -> Iterator[EmulatorProcess]:
-    """The emulator in a process of its own, for the whole session."""
+    """The emulator in a process of its own, for the whole session (it also stops when this
+    process dies without ending the session, SIGKILL included: see ``EmulatorProcess``)."""
     from .process import EmulatorProcess
 
     args = ["--host", "127.0.0.1", "--api-key", pytestconfig.getini("altabots_emulator_api_key")]
@@ -163,14 +173,72 @@ def altabots_emulator(
     emulator.close()
 
 
+def _airflow_home() -> Path:
+    """The ``AIRFLOW_HOME`` Airflow uses in this environment (``~/airflow`` when it is not set)."""
+    return Path(os.path.expanduser(os.path.expandvars(os.environ.get("AIRFLOW_HOME", "~/airflow"))))
+
+
+def _migration_key() -> str | None:
+    """What makes two migrations of one home the same: this pytest-xdist run, this interpreter
+    and every ``AIRFLOW*`` environment variable (the files they read are the home's own). None
+    outside pytest-xdist, where each session migrates."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if not run:
+        return None
+    settings = sorted((name, value) for name, value in os.environ.items() if name.startswith("AIRFLOW"))
+    return hashlib.sha256(json.dumps([run, sys.executable, settings]).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[IO[str]]:
+    """``path`` (created if need be), open for reading and writing, under an exclusive lock.
+
+    The lock is ``fcntl.flock``'s: the system drops it when the process holding it ends, however
+    it ends, so a worker killed while migrating never blocks the others. Where ``fcntl`` is
+    missing (Windows, where Airflow itself does not run) nothing is locked.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as file:
+        try:
+            import fcntl
+        except ImportError:
+            yield file
+            return
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX)
+        try:
+            yield file
+        finally:
+            fcntl.flock(file.fileno(), fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def altabots_airflow_db() -> None:
-    """Airflow's metadata database, migrated once per session (``airflow db migrate``)."""
-    done = subprocess.run(
-        [sys.executable, "-m", "airflow", "db", "migrate"], capture_output=True, text=True, check=False
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"airflow db migrate failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    """Airflow's metadata database, migrated once per session (``airflow db migrate``).
+
+    The migration holds an exclusive lock on ``.altabots_airflow_db.lock`` in ``AIRFLOW_HOME``,
+    so that the pytest-xdist workers (``-n``) of one home migrate it one after another, never at
+    once (two migrations of one SQLite file at once fail). Under pytest-xdist the lock file also
+    keeps what the last successful migration ran with: a worker that finds it migrated in this
+    run with the same interpreter and ``AIRFLOW*`` environment variables as its own does not
+    migrate again. A database shared by workers of different homes is not covered: give them one
+    home, or each its own database.
+    """
+    key = _migration_key()
+    with _locked(_airflow_home() / MIGRATION_LOCK) as lock:
+        lock.seek(0)
+        if key is not None and lock.read().strip() == key:
+            return  # another worker of this run migrated this home and database
+        done = subprocess.run(
+            [sys.executable, "-m", "airflow", "db", "migrate"], capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"airflow db migrate failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+            )
+        if key is not None:
+            lock.truncate(0)  # opened to append: the key is then the file's only line
+            lock.write(key + "\n")
+            lock.flush()
 
 
 @pytest.fixture

@@ -86,6 +86,59 @@ def test_cli_stops_on_sigint_and_uses_the_default_key() -> None:
             process.wait()
 
 
+def _start_with_stdin(*args: str) -> tuple[subprocess.Popen[str], str]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "altabots_emulator", "--port", "0", *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_environment(),
+    )
+    assert process.stdout is not None
+    with ThreadPoolExecutor(1) as pool:
+        line = pool.submit(process.stdout.readline).result(timeout=60)
+    assert line.startswith("altabots-emulator listening on http://127.0.0.1:"), line
+    return process, line.strip().rsplit(" ", 1)[-1]
+
+
+def test_cli_stops_cleanly_when_its_stdin_closes_with_stop_on_stdin_eof() -> None:
+    process, url = _start_with_stdin("--stop-on-stdin-eof", "--api-key", "eof-key")
+    try:
+        assert process.stdin is not None
+        process.stdin.write("anything written is ignored\n")
+        process.stdin.flush()
+        with httpx.Client(base_url=url, timeout=10) as http:
+            assert http.get(VERIFY, headers={"Authorization": "eof-key"}).status_code == 200
+        process.stdin.close()  # what the parent's death does to the pipe
+        assert process.wait(timeout=60) == 0
+        assert process.stderr is not None
+        said = process.stderr.read()
+        assert "standard input closed" in said
+        assert "Task was destroyed" not in said
+        assert "Traceback" not in said
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_cli_ignores_stdin_without_the_option() -> None:
+    process, url = _start_with_stdin("--api-key", "no-eof-key")
+    try:
+        assert process.stdin is not None
+        process.stdin.close()
+        with httpx.Client(base_url=url, timeout=10) as http:
+            assert http.get(VERIFY, headers={"Authorization": "no-eof-key"}).status_code == 200
+        assert process.poll() is None
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def test_cli_refuses_a_port_in_use() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
