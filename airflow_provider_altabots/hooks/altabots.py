@@ -21,7 +21,7 @@ from airflow.providers.common.compat.sdk import AirflowNotFoundException, BaseHo
 
 from airflow_provider_altabots import metrics, protocol, transport
 from airflow_provider_altabots.budget import BUDGETS
-from airflow_provider_altabots.exceptions import AltaBotsConfigError, AltaBotsError
+from airflow_provider_altabots.exceptions import AltaBotsConfigError, AltaBotsError, AltaBotsTransientError
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -267,7 +267,12 @@ class AltaBotsHook(BaseHook):
         try:
             answer = await transport.aexchange(pooled, settings, request, seconds)
         except BaseException as error:
-            budget.release(ticket)
+            if isinstance(error, AltaBotsTransientError) and not error.sent:
+                budget.release(ticket)  # it surely never left: it spent nothing of the key's window
+            else:
+                # It may have reached the API (a time-out after writing, a cancellation in flight,
+                # an answer too large to read): spent, with no answer to learn from.
+                budget.lost(ticket)
             if isinstance(error, AltaBotsError):
                 metrics.request_sent(settings, request, None)
             raise
