@@ -20,6 +20,8 @@ of Airflow but the exception classes.
 from __future__ import annotations
 
 import json
+import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NotRequired, TypedDict
@@ -37,6 +39,10 @@ BUDGET_ALLOWS_EVENT_STATUS = "budget_allows"
 #: the run without reading it again. Airflow keeps the event in its database until the task
 #: resumes; a larger record (a long output) is read by the worker instead.
 EVENT_RECORD_MAX_BYTES = 32 * 1024
+
+#: How far ahead of the worker's clock a time in an event may be (the clocks of the hosts that
+#: deferred and resumed a task may differ); a time further ahead is not one a trigger sent.
+MAX_CLOCK_SKEW = 300.0
 
 #: Event status -> the error raised for it on the worker.
 EVENT_ERRORS: dict[str, type[AltaBotsError]] = {
@@ -66,7 +72,7 @@ class RunEvent(TypedDict):
     :param message: what happened, in words, for the task's log.
     :param last_status: on a timeout, the run's status at the final check.
     :param record: on success, the run's record, when it is small enough to travel
-        (:data:`EVENT_RECORD_MAX_BYTES`) and holds no secret; otherwise the worker reads it.
+        (:data:`EVENT_RECORD_MAX_BYTES`); otherwise the worker reads it.
     """
 
     status: str
@@ -91,23 +97,21 @@ class BudgetEvent(TypedDict):
 # -- building events (on the triggerer) ------------------------------------------------------------
 
 
-def success_event(
-    run_id: str, checks: int, record: dict[str, Any], *, secrets: tuple[str, ...] = ()
-) -> RunEvent:
+def success_event(run_id: str, checks: int, record: dict[str, Any]) -> RunEvent:
     """
     The event of a run that ended with ``SUCCEED``.
 
     :param checks: how many status checks the wait made (named in the message).
-    :param record: the run's record; it travels in the event unless :func:`event_record` keeps
-        it out.
-    :param secrets: strings the record must not hold to travel (the API key).
+    :param record: the run's record, as the hook read it (an answer that echoes the API key
+        has it replaced by ``***`` then); it travels in the event unless :func:`event_record`
+        keeps it out.
     """
     event = RunEvent(
         status=SUCCESS_EVENT_STATUS,
         run_id=run_id,
         message=f"Workflow run {run_id} ended with SUCCEED after {checks} checks.",
     )
-    carried = event_record(record, secrets=secrets)
+    carried = event_record(record)
     if carried is not None:
         event["record"] = carried
     return event
@@ -130,18 +134,15 @@ def budget_allows_event(refused_since: float) -> BudgetEvent:
     return BudgetEvent(status=BUDGET_ALLOWS_EVENT_STATUS, refused_since=refused_since)
 
 
-def event_record(record: dict[str, Any] | None, *, secrets: tuple[str, ...] = ()) -> dict[str, Any] | None:
+def event_record(record: dict[str, Any] | None) -> dict[str, Any] | None:
     """
-    The record to carry in a success event, or ``None``: larger than
-    :data:`EVENT_RECORD_MAX_BYTES` as JSON, or holding a secret (an output that echoes the key
-    stays out of the event, and the worker reads it instead).
+    The record to carry in a success event, or ``None`` when it is larger than
+    :data:`EVENT_RECORD_MAX_BYTES` as JSON (the worker then reads it).
     """
     if record is None:
         return None
     text = json.dumps(record, separators=(",", ":"), default=str)
-    if len(text.encode()) > EVENT_RECORD_MAX_BYTES or any(secret and secret in text for secret in secrets):
-        return None
-    return record
+    return None if len(text.encode()) > EVENT_RECORD_MAX_BYTES else record
 
 
 # -- reading events (on the worker) ------------------------------------------------------------------
@@ -166,12 +167,14 @@ class RunSucceeded:
     record: dict[str, Any] | None
 
 
-def read_run_event(event: object) -> RunSucceeded:
+def read_run_event(event: object, *, expected_run_id: str | None = None) -> RunSucceeded:
     """
     Check the event a task waiting for a run resumed with; raise the error it carries.
 
+    :param expected_run_id: the run the task deferred for (``None`` for a deferral made before
+        the task passed it along): an event about any other run is refused.
     :raises AltaBotsError: the event is missing, not one this provider's trigger sends, names
-        no run, or carries another run's record.
+        no run or another run than ``expected_run_id``, or carries another run's record.
     :raises AltaBotsError: (a subclass, per :data:`EVENT_ERRORS`) the error that ended the wait.
     """
     run_id = event.get("run_id") if isinstance(event, Mapping) else None
@@ -180,11 +183,19 @@ def read_run_event(event: object) -> RunSucceeded:
         raise AltaBotsError(
             f"The task resumed with an unexpected trigger event {_describe(event)}; it cannot tell "
             "how the workflow run ended. Check the triggerer's log; a task retry resumes the run.",
-            run_id=run_id,
+            run_id=run_id or expected_run_id,
         )
     if run_id is None:
         raise AltaBotsError(
-            f"The trigger event {_describe(event)} names no workflow run id; check the triggerer's log."
+            f"The trigger event {_describe(event)} names no workflow run id; check the triggerer's log.",
+            run_id=expected_run_id,
+        )
+    if expected_run_id is not None and run_id != expected_run_id:
+        raise AltaBotsError(
+            f"The task deferred to wait for workflow run {expected_run_id}, but resumed with an event "
+            f"about workflow run {protocol.short(run_id, 80)}; that event is not used. Check the "
+            "triggerer's log; a task retry resumes the run it stored.",
+            run_id=expected_run_id,
         )
     if event["status"] != SUCCESS_EVENT_STATUS:
         raise error_from_event(event["status"], str(event.get("message") or ""), run_id)
@@ -220,31 +231,46 @@ def check_succeeded(run_id: str, record: Mapping[str, Any], *, from_event: bool)
         )
 
 
-def read_budget_event(event: object) -> float | None:
+def read_budget_event(event: object, *, run_id: str | None = None, now: float | None = None) -> float:
     """
     Check the event a task waiting for the key's budget resumed with; raise the error it carries.
 
-    :returns: the Unix time the task's first refused invoke was answered, when the event says.
+    :param run_id: the run the task was to read when it was refused (``None``: the task was to
+        invoke one, or to read the run an earlier try stored), named in messages.
+    :returns: the Unix time the task's first refused request was answered, from which its
+        ``rate_limit_patience`` runs out.
     :raises AltaBotsError: (a subclass, per :data:`EVENT_ERRORS`) the budget trigger's error, or
-        the event is not one it sends.
+        the event is not one it sends, a time it could not have sent included (not a finite
+        number, or more than :data:`MAX_CLOCK_SKEW` ahead of this worker's clock).
     """
     since = event.get("refused_since") if isinstance(event, Mapping) else None
-    if not isinstance(event, Mapping) or event.get("status") != BUDGET_ALLOWS_EVENT_STATUS:
-        status = event.get("status") if isinstance(event, Mapping) else None
-        message = str(event.get("message") or "") if isinstance(event, Mapping) else ""
-        if isinstance(status, str) and status != BUDGET_ALLOWS_EVENT_STATUS and message:
-            raise error_from_event(status, message, None)
+    status = event.get("status") if isinstance(event, Mapping) else None
+    if isinstance(event, Mapping) and isinstance(status, str) and status != BUDGET_ALLOWS_EVENT_STATUS:
+        message = str(event.get("message") or "")
+        if message:
+            raise error_from_event(status, message, run_id)
+    now = time.time() if now is None else now
+    believable = (
+        isinstance(since, int | float)
+        and not isinstance(since, bool)
+        and math.isfinite(since)
+        and since <= now + MAX_CLOCK_SKEW
+    )
+    if status != BUDGET_ALLOWS_EVENT_STATUS or not believable:
+        done = f"workflow run {run_id} was not read" if run_id else "no run was started"
         raise AltaBotsError(
-            f"The task resumed with an unexpected trigger event {str(event)[:200]!r} while it waited "
-            "for the API key's rate limit; no run was started. Clear the task to invoke again."
+            f"The task resumed with an unexpected trigger event {_describe(event)} while it waited for the "
+            f"API key's rate limit; {done}. Check the triggerer's log, then clear the task to try again.",
+            run_id=run_id,
         )
-    if isinstance(since, int | float) and not isinstance(since, bool):
-        return float(since)
-    return None
+    assert isinstance(since, int | float)
+    return float(since)
 
 
 def _describe(event: object) -> str:
     """An event (or a record it carries) in a message: each value cut to 80 characters."""
     if isinstance(event, Mapping):
-        return "{" + ", ".join(f"{key!r}: {str(value)[:80]!r}" for key, value in event.items()) + "}"
-    return repr(event)[:200]
+        return (
+            "{" + ", ".join(f"{key!r}: {protocol.short(value, 80)!r}" for key, value in event.items()) + "}"
+        )
+    return protocol.short(repr(event), 200)

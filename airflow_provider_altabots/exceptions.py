@@ -79,6 +79,9 @@ class AltaBotsApiError(AltaBotsError):
     :param code: the vendor's error code (``40000`` parameter error, ``20022`` insufficient
         credits, ``20055`` API switched off for this agent, ...), when the answer had one.
     :param http_status: the HTTP status of the answer.
+    :param run_not_found: the API's own error body says the run id asked for is not found (see
+        :func:`airflow_provider_altabots.protocol.says_run_not_found`): the one answer after
+        which a task that stored the id may start a new run.
     """
 
     event_status = "api_error"
@@ -90,10 +93,12 @@ class AltaBotsApiError(AltaBotsError):
         run_id: str | None = None,
         code: int | str | None = None,
         http_status: int | None = None,
+        run_not_found: bool = False,
     ) -> None:
         super().__init__(message, run_id=run_id)
         self.code = code
         self.http_status = http_status
+        self.run_not_found = run_not_found
 
 
 class AltaBotsTransientError(AltaBotsError):

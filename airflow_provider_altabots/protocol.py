@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import zlib
 from collections.abc import Iterable, Mapping
@@ -40,7 +41,7 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from airflow_provider_altabots.connection_form import (
     AUTH_SCHEMES,
@@ -116,6 +117,18 @@ CODE_HINTS: dict[int, str] = {
 AUTH_CODE = 40127
 #: Codes that mean the API side failed, so asking again later may work.
 SERVER_CODES = frozenset({50000})
+
+#: The vendor documents no answer for a run id it does not know (the emulator answers 400, code
+#: 40000, "workflowRunId not found"). This provider's reading, the only one that lets a task that
+#: stored a run id start a new, billed run: an error body of the API's own (JSON, either
+#: documented shape) with one of these HTTP statuses, whose message says the run or its id is not
+#: found or does not exist. A proxy's page, a message that names no run, or any other status is
+#: no proof that the run is gone (see :func:`says_run_not_found`).
+RUN_NOT_FOUND_STATUSES = frozenset({200, 400, 404})
+_NOT_FOUND = re.compile(
+    r"\bnot\s+(?:be\s+)?found\b|\bnot\s+exists?\b|n't\s+exists?\b|\bno\s+such\b", re.IGNORECASE
+)
+_NAMES_A_RUN = re.compile(r"\brun\b|runid|run[\s_-]id|workflow\s*run", re.IGNORECASE)
 
 #: Fields of the run record that are left out of the ``workflow_run`` XCom.
 BULKY_FIELDS = ("input", "output")
@@ -365,6 +378,11 @@ class ApiRequest:
     @property
     def is_invoke(self) -> bool:
         return self.path == INVOKE_PATH
+
+    @property
+    def secrets(self) -> list[str]:
+        """What this request carries that no message may repeat: its webhooks' secrets."""
+        return webhook_secrets(self.body.get("webhook")) if self.body else []
 
 
 def invoke_request(
@@ -622,7 +640,10 @@ def read_answer(
     Turn an HTTP answer into the JSON object it carries, or raise the matching error.
 
     :param body: the decoded body (see :class:`AnswerBody`).
-    :param secrets: strings never to repeat in a message (the API key), should the API echo them.
+    :param secrets: what the answer must never hand on (the API key), should the API echo it:
+        every string of the returned object has it replaced by ``***`` (see
+        :func:`hide_secrets_in`), and messages hide it, and the request's webhook secrets, whole,
+        escaped or in part, before anything is cut (see :func:`_snippet`).
     :raises AltaBotsConfigError: a 3xx: this provider follows no redirect.
     :raises AltaBotsAuthError: HTTP 401/403 or code 40127.
     :raises AltaBotsTransientError: HTTP 429 or 5xx, a server-side error code, or a 2xx answer
@@ -630,13 +651,17 @@ def read_answer(
     :raises AltaBotsApiError: any other error answer.
     :raises AltaBotsInvokeUncertain: instead of a transient error, for an invoke (a run may exist).
     """
+    secrets = tuple(secrets)
     data = _json_object(body)
+    if data is not None:
+        hide_secrets_in(data, secrets)
     code, api_message = error_in(data)
     what = f"Could not {request.action}"
-    said = _scrub(_said(status_code, code, api_message, body if data is None else None), secrets)
+    hidden = (*secrets, *request.secrets)
+    said = _said(status_code, code, api_message, body if data is None else None, hidden)
 
     if 300 <= status_code < 400:
-        raise redirect_error(request, status_code, headers)
+        raise redirect_error(request, status_code, headers, secrets=hidden)
     if status_code in (401, 403) or _same_code(code, AUTH_CODE):
         raise AltaBotsAuthError(
             f"{what}: the API refused the API key ({said}). Check that the connection's password holds "
@@ -655,12 +680,32 @@ def read_answer(
             request, AltaBotsTransientError(f"{what}: the API failed ({said}).", run_id=request.run_id)
         )
     if status_code >= 400 or code is not None:
-        raise AltaBotsApiError(f"{what}: {said}.", run_id=request.run_id, code=code, http_status=status_code)
+        raise AltaBotsApiError(
+            f"{what}: {said}.",
+            run_id=request.run_id,
+            code=code,
+            http_status=status_code,
+            run_not_found=says_run_not_found(request, status_code, api_message),
+        )
     if not 200 <= status_code < 300:
         raise broken_answer(request, f"HTTP {status_code} is not an answer this API gives")
     if data is None:
         raise broken_answer(request, f"the HTTP {status_code} answer is not a JSON object ({said})")
     return data
+
+
+def says_run_not_found(request: ApiRequest, status_code: int, api_message: str | None) -> bool:
+    """
+    Whether an error answer to a run's query is the API saying that run id is unknown: HTTP
+    :data:`RUN_NOT_FOUND_STATUSES`, a message from the API's own error body, saying "not found"
+    (or "does not exist", "no such") of a run or of the id asked for.
+    """
+    if request.path != RESULT_PATH or status_code not in RUN_NOT_FOUND_STATUSES or not api_message:
+        return False
+    names_run = bool(_NAMES_A_RUN.search(api_message)) or bool(
+        request.run_id and request.run_id in api_message
+    )
+    return names_run and bool(_NOT_FOUND.search(api_message))
 
 
 def read_record(request: ApiRequest, answer: Mapping[str, Any]) -> dict[str, Any]:
@@ -689,14 +734,16 @@ def broken_answer(request: ApiRequest, why: str) -> AltaBotsError:
     )
 
 
-def redirect_error(request: ApiRequest, status_code: int, headers: Mapping[str, str]) -> AltaBotsConfigError:
+def redirect_error(
+    request: ApiRequest, status_code: int, headers: Mapping[str, str], *, secrets: Iterable[str] = ()
+) -> AltaBotsConfigError:
     """A 3xx: never followed (it would carry the key and webhook tokens on), never a result."""
     location = str(_lower_keys(headers).get("location", ""))
     try:
         target = urlsplit(location).hostname
     except ValueError:
         target = None
-    where = f"to host {_snippet(target, 80)}" if target else "elsewhere"
+    where = f"to host {_snippet(target, 80, secrets)}" if target else "elsewhere"
     return AltaBotsConfigError(
         f"Could not {request.action}: the API answered HTTP {status_code}, redirecting {where}. This "
         "provider follows no redirect, since that would send the API key and webhook tokens on. If that "
@@ -925,24 +972,115 @@ def _same_code(code: object, expected: int) -> bool:
     return code is not None and str(code) == str(expected)
 
 
-def _said(status_code: int, code: int | str | None, message: str | None, raw: bytes | None) -> str:
+def _said(
+    status_code: int, code: int | str | None, message: str | None, raw: bytes | None, secrets: Iterable[str]
+) -> str:
+    """What an error answer said, in words; each part hides ``secrets`` before it is cut."""
     parts = [f"HTTP {status_code}"]
     if code is not None:
         number = code if isinstance(code, int) else int(code) if code.isascii() and code.isdigit() else None
         hint = CODE_HINTS.get(number) if number is not None else None
-        parts.append(f"code {code}" + (f", {hint}" if hint else ""))
+        parts.append(f"code {_snippet(str(code), 40, secrets)}" + (f", {hint}" if hint else ""))
     if message:
-        parts.append(f"the API said: {_snippet(message)}")
+        parts.append(f"the API said: {_snippet(message, 300, secrets)}")
     elif raw:
-        parts.append(f"body: {_snippet(raw)}")
+        parts.append(f"body: {_snippet(raw, 300, secrets)}")
     return "; ".join(parts)
 
 
-def _scrub(text: str, secrets: Iterable[str]) -> str:
+# -- secrets in what an answer says -------------------------------------------------------------------
+
+#: Any run of this many characters of a secret is hidden wherever a message holds it, so an answer
+#: that quotes part of the key shows no usable piece of it (the whole key is hidden at any length).
+MIN_SECRET_PIECE = 6
+#: Secrets shorter than this are not looked for: a webhook path such as ``cb`` would hide every
+#: ``cb`` of a message, and a key is far longer.
+MIN_SECRET_LENGTH = 4
+
+
+def secret_forms(secrets: Iterable[str]) -> list[str]:
+    """
+    Each secret as text may carry it, longest first: as it is, escaped as JSON and as Python's
+    ``repr`` escape it (a key may hold ``"`` or ``\\``), and percent-encoded.
+    """
+    forms: set[str] = set()
     for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return text
+        if isinstance(secret, str) and len(secret) >= MIN_SECRET_LENGTH:
+            forms.update((secret, json.dumps(secret)[1:-1], repr(secret)[1:-1], quote(secret, safe="")))
+    return sorted(forms, key=len, reverse=True)
+
+
+def _hide(text: str, forms: list[str]) -> str:
+    """
+    ``text`` with each of ``forms`` (see :func:`secret_forms`), and every run of
+    :data:`MIN_SECRET_PIECE` or more characters of one, replaced by ``***``.
+    """
+    for form in forms:
+        text = text.replace(form, "***")
+    runs: list[list[int]] = []  # [start, end) of each run of pieces, in order
+    for start, end in sorted(
+        (found, found + MIN_SECRET_PIECE)
+        for form in forms
+        for piece in {form[i : i + MIN_SECRET_PIECE] for i in range(len(form) - MIN_SECRET_PIECE + 1)}
+        for found in _occurrences(text, piece)
+    ):
+        if runs and start <= runs[-1][1]:
+            runs[-1][1] = max(runs[-1][1], end)
+        else:
+            runs.append([start, end])
+    kept, done = [], 0
+    for start, end in runs:
+        kept += [text[done:start], "***"]
+        done = end
+    return "".join(kept) + text[done:]
+
+
+def _occurrences(text: str, piece: str) -> list[int]:
+    found, at = [], text.find(piece)
+    while at != -1:
+        found.append(at)
+        at = text.find(piece, at + 1)
+    return found
+
+
+def hide_secrets_in(data: Any, secrets: Iterable[str]) -> Any:
+    """
+    Replace each secret, in each of its :func:`secret_forms`, by ``***`` in every string of
+    ``data`` (a freshly parsed JSON value, changed in place; returned), keys included.
+
+    Only the whole secret is replaced, never a piece: a piece of a key may turn up by chance in
+    a long output, which must reach the user as the workflow wrote it.
+    """
+    forms = secret_forms(secrets)
+    if not forms:
+        return data
+
+    def clean(text: str) -> str:
+        for form in forms:
+            if form in text:
+                text = text.replace(form, "***")
+        return text
+
+    pending = [data]
+    while pending:  # no recursion: a body may nest as deeply as the JSON parser allows
+        node = pending.pop()
+        if isinstance(node, dict):
+            for key, value in list(node.items()):
+                if isinstance(value, str):
+                    value = clean(value)
+                elif isinstance(value, dict | list):
+                    pending.append(value)
+                if isinstance(key, str) and (shown := clean(key)) != key:
+                    del node[key]
+                    key = shown
+                node[key] = value
+        elif isinstance(node, list):
+            for index, value in enumerate(node):
+                if isinstance(value, str):
+                    node[index] = clean(value)
+                elif isinstance(value, dict | list):
+                    pending.append(value)
+    return data
 
 
 def _dump(value: Any) -> str:
@@ -958,11 +1096,29 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else _dump(value)
 
 
-def _snippet(value: str | bytes | None, limit: int = 300) -> str:
+def _snippet(value: str | bytes | None, limit: int = 300, secrets: Iterable[str] = ()) -> str:
+    """
+    ``value`` on one printable line of at most ``limit`` characters, for a message. ``secrets``
+    are hidden (:func:`_hide`) before anything is cut, and a cut that ends in the first
+    characters of one hides those too, so no cut leaves a piece of a secret behind.
+    """
     if value is None:
         return ""
-    # Cut before collapsing whitespace: a hostile answer may be megabytes long.
-    text = value[: limit * 4].decode("utf-8", "replace") if isinstance(value, bytes) else value[: limit * 4]
+    forms = secret_forms(secrets)
+    # Cut before collapsing whitespace: a hostile answer may be megabytes long. The first cut
+    # leaves room for a secret that starts just before the limit, so that it is hidden whole.
+    keep = limit * 4 + (2 * len(forms[0]) if forms else 0)
+    early = len(value) > keep
+    text = value[:keep].decode("utf-8", "replace") if isinstance(value, bytes) else value[:keep]
+    text = _hide(text, forms)
     text = " ".join(text.split())
     text = "".join(char if char.isprintable() else "?" for char in text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    cut = len(text) > limit
+    if cut:
+        text = text[: limit - 3]
+    if cut or early:
+        for form in forms:  # the first characters of a secret, left at the cut: hidden as the secret
+            begun = next((n for n in range(min(len(form), len(text)), 0, -1) if text.endswith(form[:n])), 0)
+            if begun:
+                text = text[:-begun] + "***"
+    return text + "..." if cut else text

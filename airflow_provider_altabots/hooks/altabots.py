@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import time
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -304,12 +305,14 @@ class _SharedSettings:
     Connection settings read once per connection id and shared for ``SETTINGS_TTL`` seconds.
 
     Hooks that ask while a read is under way wait for that read instead of starting their own;
-    a failed read is not kept, so the next hook tries again.
+    a failed read is not kept, so the next hook tries again. A connection defined in the
+    environment (``AIRFLOW_CONN_<ID>``) can change at any time in a process (a test pointing it
+    at another key, say): a read is shared only while that variable holds what it held then.
     """
 
     def __init__(self) -> None:
-        self._settings: dict[str, tuple[float, protocol.ConnectionSettings]] = {}
-        self._reading: dict[tuple[int, str], asyncio.Future[protocol.ConnectionSettings]] = {}
+        self._settings: dict[str, tuple[float, str, protocol.ConnectionSettings]] = {}
+        self._reading: dict[tuple[int, str, str], asyncio.Future[protocol.ConnectionSettings]] = {}
 
     def clear(self) -> None:
         self._settings.clear()
@@ -317,18 +320,26 @@ class _SharedSettings:
     async def get(
         self, conn_id: str, read: Callable[[], Awaitable[protocol.ConnectionSettings]]
     ) -> protocol.ConnectionSettings:
+        defined = _environment_definition(conn_id)
         cached = self._settings.get(conn_id)
-        if cached is not None and cached[0] > time.monotonic():
-            return cached[1]
-        key = (id(asyncio.get_running_loop()), conn_id)
+        if cached is not None and cached[0] > time.monotonic() and cached[1] == defined:
+            return cached[2]
+        key = (id(asyncio.get_running_loop()), conn_id, defined)
         reading = self._reading.get(key)
         if reading is None:
             reading = self._reading[key] = asyncio.ensure_future(read())
             reading.add_done_callback(lambda _: self._reading.pop(key, None))
         # Shielded: a trigger cancelled while waiting must not cancel the read others wait for.
         settings = await asyncio.shield(reading)
-        self._settings[conn_id] = (time.monotonic() + SETTINGS_TTL, settings)
+        self._settings[conn_id] = (time.monotonic() + SETTINGS_TTL, defined, settings)
         return settings
+
+
+def _environment_definition(conn_id: str) -> str:
+    """A digest of ``AIRFLOW_CONN_<ID>`` as the environment holds it now (never the value itself,
+    which holds the key); empty when the connection is not defined there."""
+    value = os.environ.get(f"AIRFLOW_CONN_{conn_id.upper()}")
+    return "" if value is None else hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 _SETTINGS = _SharedSettings()

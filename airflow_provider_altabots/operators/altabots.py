@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import BaseOperator, ResumableJobMixin, conf, mask_secret
 
@@ -14,6 +14,7 @@ from airflow_provider_altabots.exceptions import (
     AltaBotsApiError,
     AltaBotsError,
     AltaBotsInvokeUncertain,
+    AltaBotsStatusUnknown,
     AltaBotsTransientError,
 )
 from airflow_provider_altabots.hooks.altabots import AltaBotsHook
@@ -36,9 +37,9 @@ if TYPE_CHECKING:
     from airflow.providers.common.compat.sdk import Context
     from pydantic import JsonValue
 
-#: Status recorded when a stored run id cannot be read back; neither active nor succeeded, so a
-#: new run is invoked.
-_UNREADABLE = "UNREADABLE"
+#: Status recorded when the API says a stored run id is not found; neither active nor
+#: succeeded, so a new run is invoked.
+_NOT_FOUND = "NOT_FOUND"
 #: Task-state-store key present while an invoke's answer is outstanding.
 INVOKE_MARKER_KEY = "altabots_invoke_unanswered"
 #: Said once in each try's log on Airflow below 3.3, where a retry cannot resume a run.
@@ -75,14 +76,17 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
 
     A new try of the task does not pay twice: on Airflow 3.3+ the run id is kept in the task
     state store as soon as the invoke answers, and a later try resumes that run if it is
-    PENDING or RUNNING, reuses its result if it SUCCEEDED, and invokes anew only if it FAILED.
+    PENDING or RUNNING, reuses its result if it SUCCEEDED, and invokes anew only if it FAILED or
+    the API says the id is not found. Any other answer about it is ridden out like a failed
+    status check and then fails the try naming the run, never invoking.
 
-    On a rate-limited key no worker slot waits for the limit: an invoke answered HTTP 429 (which
-    starts no run) defers the task until the key's request budget on the triggerer allows it,
-    then the task invokes again from the worker, for up to 15 minutes of refusals. A deferrable
-    task checks its run from the worker first only when the key is known to have plenty of
-    requests (see :meth:`_quota_plentiful`); otherwise every status check waits for the
-    triggerer's budget.
+    On a rate-limited key no slot of a deferrable task waits for the limit: a request answered
+    HTTP 429 (an invoke, which then started no run, or a read of a run) defers the task until
+    the key's request budget on the triggerer allows it, then the task sends it again from the
+    worker, for up to 15 minutes of refusals; a task that is not deferrable waits in its slot
+    as the API says. A deferrable task checks its run from the worker first only when the key
+    is known to have plenty of requests (see :meth:`_quota_plentiful`); otherwise every status
+    check waits for the triggerer's budget.
 
     :param input: the parameters of the workflow's Start node (templated; a mapping once
         rendered).
@@ -157,7 +161,6 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
         self._published = False
         self._output: Any = None
         self._invoked_at: float | None = None
-        self._refused_since: float | None = None
 
     @property
     def policy(self) -> PollPolicy:
@@ -215,21 +218,16 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
         """Read the status of a run a previous try started (on resume)."""
         run_id = str(external_id)
         self.workflow_run_id = run_id
-        try:
-            self._record = self.fetch_run(run_id)
-        except AltaBotsApiError as error:
-            self.log.warning(
-                "Workflow run %s, started by an earlier try, cannot be read back (%s); a new run is invoked.",
-                run_id,
-                error.message,
-            )
-            return _UNREADABLE
-        self.note_run(run_id, self._record)
-        return protocol.short(self._record.get("status"))
+        record = self._read_stored_run(run_id)
+        if record is None:
+            return _NOT_FOUND
+        self._record = record
+        self.note_run(run_id, record)
+        return protocol.short(record.get("status"))
 
     def is_job_active(self, status: str) -> bool:
         # An unknown status is never success, nor a reason to start (and pay for) a second run.
-        return status != _UNREADABLE and protocol.status_kind(status) in (
+        return status != _NOT_FOUND and protocol.status_kind(status) in (
             StatusKind.ACTIVE,
             StatusKind.UNKNOWN,
         )
@@ -261,12 +259,13 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
         return self._publish(context, record)
 
     def execute_after_rate_limit(self, context: Context, event: Mapping[str, Any] | None = None) -> Any:
-        """Resume once the key's budget allows the invoke that was answered 429: invoke again."""
+        """
+        Resume once the key's budget allows the request that was answered 429 (the invoke, or the
+        read of the run an earlier try stored): run the task again from the start, which sends it.
+        """
         from airflow_provider_altabots import events  # on resume only, not at DAG parse
 
-        since = events.read_budget_event(event)
-        if since is not None:
-            self._refused_since = since
+        self._refused_since = events.read_budget_event(event)
         return self.execute(context)
 
     def get_job_result(self, external_id: JsonValue, context: Context) -> Any:
@@ -274,7 +273,7 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
             return str(external_id)
         if self._published:
             return self._output
-        record = self._record if self._record is not None else self.fetch_run(str(external_id))
+        record = self._record if self._record is not None else self.read_record(str(external_id))
         return self._publish(context, record)
 
     # -- helpers ----------------------------------------------------------------------------
@@ -300,6 +299,7 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
         so clearing the task afterwards is the user's go-ahead for a new run.
         """
         store = context.get("task_state_store") if getattr(self, "durable", False) else None
+        known = None  # the run id stored before this invoke
         if store is not None:
             marker, known = store.get(INVOKE_MARKER_KEY), store.get(self.external_id_key)
             if isinstance(marker, Mapping) and marker.get("after") == known:
@@ -310,9 +310,8 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
                     "learned. It is not invoked again automatically: look for the run in the vendor's "
                     "console, then clear this task if you want a new run."
                 )
-            store.set(INVOKE_MARKER_KEY, {"after": known, "at": datetime.now(UTC).isoformat()})
         try:
-            answer = self._send_invoke()
+            answer = self._send_invoke(store, known=known)
             assert self._invoke is not None
             run_id = protocol.read_run_id(self._invoke, answer)
         except AltaBotsError as error:
@@ -321,7 +320,15 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
             if store is not None:
                 store.delete(INVOKE_MARKER_KEY)
             if isinstance(error, AltaBotsTransientError) and error.rate_limited:
-                self._defer_refused_invoke(error)
+                if self.deferrable:
+                    self.defer_until_budget_allows(error, method_name="execute_after_rate_limit")
+                raise AltaBotsTransientError(
+                    f"{error.message} The API refused this task's invoke for all of its patience "
+                    f"({self.policy.rate_limit_patience:.0f} s), so no run was started. Retry the task when "
+                    "the plan's quota allows, or lower the number of tasks that use this API key at once.",
+                    rate_limited=True,
+                    sent=False,
+                ) from None
             raise
         if store is not None:
             # Once the run id is stored, the marker (whose "after" is the previous id) is stale.
@@ -329,68 +336,77 @@ class AltaBotsRunWorkflowOperator(RunWaiterMixin, ResumableJobMixin, BaseOperato
         self._started(context, run_id, answer)
         return run_id, answer
 
-    def _send_invoke(self) -> dict[str, Any]:
+    def _send_invoke(self, store: Any, *, known: Any) -> dict[str, Any]:
         """
-        Send the invoke; retry on the worker only where it surely never reached the API. A 429
-        (no run started either) is not waited out here: :meth:`_defer_refused_invoke` frees the slot.
+        Send the invoke; retry on the worker only where it surely never reached the API, or, in a
+        task that is not deferrable, after a 429 (no run started either; a deferrable task frees
+        its slot instead, see :meth:`defer_until_budget_allows`).
 
-        Whatever else goes wrong after the request may have been written arrives as
-        :class:`AltaBotsInvokeUncertain` (see :mod:`~airflow_provider_altabots.protocol`).
+        The unanswered-invoke marker (after the stored run id ``known``) is in ``store`` exactly
+        while a request that may start a run is out: an attempt that surely started nothing
+        removes it before the next, so a try killed between attempts is never mistaken for one
+        killed mid-invoke. Whatever else goes wrong after the request may have been written
+        arrives as :class:`AltaBotsInvokeUncertain` (see :mod:`~airflow_provider_altabots.protocol`).
         """
         request = self._invoke
         assert request is not None
         timeout = (self.timeout or protocol.MAX_SECONDS) if self.sync_invoke else None
+
+        def attempt() -> dict[str, Any]:
+            if store is not None:
+                store.set(INVOKE_MARKER_KEY, {"after": known, "at": datetime.now(UTC).isoformat()})
+            try:
+                return self.hook.send(request, timeout=timeout)
+            except AltaBotsTransientError as error:
+                if store is not None and (error.rate_limited or not error.sent):
+                    store.delete(INVOKE_MARKER_KEY)
+                raise
+
         answer = call_with_retries(
-            lambda: self.hook.send(request, timeout=timeout),
+            attempt,
             self.policy,
-            retry_if=lambda error: not error.sent and not error.rate_limited,
+            retry_if=lambda error: not error.sent or (error.rate_limited and not self.deferrable),
             log=self.log,
         )
         self._invoked_at = time.time()
         return answer
 
-    def _defer_refused_invoke(self, error: AltaBotsTransientError) -> NoReturn:
+    def _read_stored_run(self, run_id: str) -> dict[str, Any] | None:
         """
-        The invoke was answered 429: defer until the key's budget on the triggerer allows it, then
-        invoke again from the worker (:meth:`execute_after_rate_limit`). After
-        ``rate_limit_patience`` seconds of refusals the 429 fails the task instead.
+        The record of the run an earlier try stored, or ``None`` when the API says the id is not
+        found (the one answer after which a new run may be invoked). Any other error answer about
+        it (a proxy's page, an error code, a status that is not the API's word on this run) is
+        ridden out like a failed status check; when the checks in a row run out, the try fails
+        with :class:`AltaBotsStatusUnknown` naming the run, and invokes nothing.
         """
-        from airflow_provider_altabots.triggers.altabots import AltaBotsBudgetTrigger
 
-        now = time.time()
-        since = self._refused_since if self._refused_since is not None else now
-        patience = self.policy.rate_limit_patience
-        if now - since >= patience:
-            raise AltaBotsTransientError(
-                f"{error.message} The API has refused this task's invoke for {now - since:.0f} s "
-                f"(patience {patience:.0f} s), so no run was started. Retry the task when the plan's "
-                "quota allows, or lower the number of tasks that use this API key at once.",
-                rate_limited=True,
-                sent=False,
+        def read() -> dict[str, Any]:
+            try:
+                return self.hook.get_run_result(run_id)
+            except AltaBotsApiError as error:
+                if error.run_not_found:
+                    raise
+                raise AltaBotsTransientError(error.message, run_id=run_id) from None
+
+        try:
+            return self.read_on_worker(read, method_name="execute_after_rate_limit")
+        except AltaBotsApiError as error:
+            self.log.warning(
+                "The API says workflow run %s, started by an earlier try, is not found (%s); a new run "
+                "is invoked.",
+                run_id,
+                error.message,
+            )
+            return None
+        except AltaBotsTransientError as error:
+            raise AltaBotsStatusUnknown(
+                f"Workflow run {run_id}, started by an earlier try of this task, could not be read back: "
+                f"{error.message} No new run is invoked: the run may still be going, and a second one "
+                "would be billed again. A retry of this task asks again; to start a new run instead, "
+                f"delete the task state store key {self.external_id_key} or clear the task with "
+                "durable=False.",
+                run_id=run_id,
             ) from None
-        quota = self.hook.last_quota
-        retry_at = None if error.retry_after is None else now + error.retry_after
-        self.log.warning(
-            "%s No run was started; the task waits on the triggerer until the API key's request "
-            "budget allows the invoke (%s), then invokes again.",
-            error.message,
-            f"the API said in {error.retry_after:.0f} s"
-            if error.retry_after is not None
-            else "no hint given",
-        )
-        self.defer(
-            trigger=AltaBotsBudgetTrigger(
-                self.altabots_conn_id,
-                refused_since=since,
-                not_before=now + max(polling.DEFERRAL_MARGIN, error.retry_after or 0.0),
-                limit=quota.limit if quota else None,
-                remaining=quota.remaining if quota else None,
-                reset_at=quota.reset_at if quota else None,
-                retry_at=retry_at,
-                deadline=since + patience,
-            ),
-            method_name="execute_after_rate_limit",
-        )
 
     def _quota_plentiful(self) -> bool:
         """

@@ -10,7 +10,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_provider_altabots import events, protocol
 from airflow_provider_altabots.budget import BUDGETS
-from airflow_provider_altabots.exceptions import AltaBotsError
+from airflow_provider_altabots.exceptions import AltaBotsError, AltaBotsTransientError
 from airflow_provider_altabots.hooks.altabots import AltaBotsHook
 from airflow_provider_altabots.polling import PollPolicy, RunWatch, await_run
 
@@ -116,23 +116,23 @@ class AltaBotsWorkflowRunTrigger(BaseTrigger):
         except AltaBotsError as error:
             yield TriggerEvent(events.error_event(error, self.run_id))
             return
-        settings = await hook.aget_settings()
-        yield TriggerEvent(
-            events.success_event(self.run_id, watch.checks, record, secrets=(settings.api_key,))
-        )
+        yield TriggerEvent(events.success_event(self.run_id, watch.checks, record))
 
 
 class AltaBotsBudgetTrigger(BaseTrigger):
     """
     Wait until the API key's request budget allows one more request, then fire; send nothing.
 
-    A task whose invoke was answered 429 defers to this trigger instead of sleeping in its worker
-    slot, and invokes again from the worker when it resumes: the invoke is never sent from the
-    triggerer. The 429 it got holds the budget of every trigger of that key in the process, and
-    the turn it takes counts as a request, so the invoke is paced with the status checks.
+    A deferrable task whose request was answered 429 (an invoke, or a read of a run from the
+    worker) defers to this trigger instead of sleeping in its worker slot, and sends the request
+    again from the worker when it resumes: the triggerer never sends it, and never an invoke.
+    The 429 it got holds the budget of every trigger of that key in the process, and the turn it
+    takes counts as a request, so the request is paced with the status checks.
 
     The event is a :class:`~airflow_provider_altabots.events.BudgetEvent`,
-    ``{"status": "budget_allows", "refused_since": ...}``.
+    ``{"status": "budget_allows", "refused_since": ...}``, when the budget gave the request its
+    turn; when ``deadline`` passes first (a hint may ask for longer than the task's patience),
+    it is the error event of an :class:`~airflow_provider_altabots.exceptions.AltaBotsTransientError`.
 
     :param altabots_conn_id: the connection whose key was refused.
     :param refused_since: Unix time the task's first refused invoke was answered (the task gives
@@ -143,8 +143,8 @@ class AltaBotsBudgetTrigger(BaseTrigger):
     :param remaining: its ``X-RateLimit-Remaining``.
     :param reset_at: its ``X-RateLimit-Reset``, as Unix time.
     :param retry_at: Unix time its ``Retry-After`` (or reset) pointed to, when it said.
-    :param deadline: Unix time by which the trigger fires anyway, turn or no turn (the end of the
-        task's patience).
+    :param deadline: Unix time by which the trigger fires, with a turn or with the error (the
+        end of the task's patience), whatever ``not_before`` says.
     """
 
     def __init__(
@@ -197,14 +197,30 @@ class AltaBotsBudgetTrigger(BaseTrigger):
             quota = protocol.Quota(self.limit, self.remaining, self.reset_at)
         hint = None if self.retry_at is None else max(self.retry_at - time.time(), 0.0)
         budget.refused_elsewhere(quota=quota, retry_after=hint)
-        await asyncio.sleep(max(self.not_before - time.time(), 0.0))
+        # The task's patience ends at the deadline, whatever the hint said.
+        wake = self.not_before if self.deadline is None else min(self.not_before, self.deadline)
+        await asyncio.sleep(max(wake - time.time(), 0.0))
         ticket, held = await budget.acquire(until=self.deadline)
-        if ticket is not None:
-            budget.sent_elsewhere(ticket)  # the worker sends this request, and reads its answer
+        if ticket is None:
+            yield TriggerEvent(events.error_event(self._patience_ran_out(), None))
+            return
+        budget.sent_elsewhere(ticket)  # the worker sends this request, and reads its answer
         self.log.info(
-            "The request budget of connection %s's API key allows an invoke after %.1f s more; the task "
+            "The request budget of connection %s's API key allows the request after %.1f s more; the task "
             "resumes to send it.",
             self.altabots_conn_id,
             held,
         )
         yield TriggerEvent(events.budget_allows_event(self.refused_since))
+
+    def _patience_ran_out(self) -> AltaBotsTransientError:
+        """The error of a wait whose deadline passed before the key's budget let a request go."""
+        refused_for = time.time() - self.refused_since
+        return AltaBotsTransientError(
+            f"The request budget of connection {self.altabots_conn_id}'s API key let no request go before "
+            f"this task's patience ran out (its first request was refused {refused_for:.0f} s ago): nothing "
+            "was sent while it waited, so no run was started by it. Retry the task when the plan's quota "
+            "allows, or lower the number of tasks that use this API key at once.",
+            rate_limited=True,
+            sent=False,
+        )

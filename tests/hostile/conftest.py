@@ -101,17 +101,18 @@ class Leaks:
         return "\n".join(parts)
 
 
+#: The shortest piece of a secret the leak check looks for anywhere: the provider hides every piece
+#: this long, and a piece of any length where a message was cut.
+FRAGMENT = 6
+
+
 def needles(secret: str) -> list[str]:
-    """The secret, its repr, and every printable run of 6+ characters of it."""
-    found = {secret, repr(secret)[1:-1]}
-    run = ""
-    for char in secret + "\0":
-        if char.isprintable() and not char.isspace():
-            run += char
-            continue
-        if len(run) >= 6:
-            found.add(run)
-        run = ""
+    """The secret as text may carry it (as it is, escaped by repr or JSON), and every piece of it
+    :data:`FRAGMENT` characters long."""
+    forms = {secret, repr(secret)[1:-1], json.dumps(secret)[1:-1]}
+    found = set(forms)
+    for form in forms:
+        found.update(form[i : i + FRAGMENT] for i in range(len(form) - FRAGMENT + 1))
     return sorted(found)
 
 

@@ -13,6 +13,7 @@ from airflow.sdk._shared.secrets_masker import redact
 
 from airflow_provider_altabots import protocol
 from airflow_provider_altabots.exceptions import AltaBotsConfigError, AltaBotsError
+from tests.fake_api import record
 from tests.hostile.conftest import (
     API_KEY,
     HOOK_PATH,
@@ -311,3 +312,50 @@ def test_an_answer_echoing_the_key_never_puts_it_in_a_message(server, connect, a
     event, _ = run_trigger(trigger_for("run-1"), 10)
     assert event["status"] != "success"
     assert "***" in event["message"]
+
+
+# -- issue 19: no piece of the key, wherever a message is cut -------------------------------------
+
+#: 44 characters, as long as a key the vendor's console makes can be; no English in it.
+LONG_KEY = "Hv3nQk8ZpW2xLc7RbT5mYd9FsJ4gNa6KuE1oVi0Xr8Wq"
+
+KEY_CUT = {
+    # An error code is cut at 40 characters, a message or body at 300: the key must go first.
+    "the key as a GPTBots code, 401": answer(401, {"code": LONG_KEY, "message": "unauthorized"}),
+    "the key as a GPTBots code, 400": answer(400, {"code": LONG_KEY}),
+    "the key as an AltaBots code": answer(400, {"error": {"code": LONG_KEY, "message": "bad key"}}),
+    "the key at the 290th character of a message": answer(
+        400, {"code": 40000, "message": "x " * 145 + LONG_KEY}
+    ),
+    "the key at the 290th character of a page": answer(502, f"<p>{'y' * 286}{LONG_KEY}</p>".encode()),
+}
+
+
+@pytest.mark.parametrize("act", KEY_CUT.values(), ids=KEY_CUT.keys())
+def test_no_piece_of_the_key_survives_where_a_message_is_cut(server, connect, context, leaks, act):
+    """The leak check looks for every 6-character piece of the key, in any message or event."""
+    leaks.secret(LONG_KEY)
+    server.on(RESULT, act)
+    connect(server, password=LONG_KEY)
+    error = raises(AltaBotsError, hook().get_run_result, "run-1")
+    assert "***" in error.message
+    event, _ = run_trigger(trigger_for("run-1"), 10)
+    assert event["status"] != "success"
+    assert "***" in event["message"]
+    raises(AltaBotsError, operator(max_consecutive_failures=1).execute, context)
+
+
+#: A key may hold any printable character: JSON escapes these two, so a check of the JSON text for
+#: the key as it is misses them.
+ESCAPED_KEY = 'Tq4"Wn8\\Zr2Kd6Lp9"Vx3Mb7\\Hs5'
+
+
+def test_an_answer_echoing_a_key_that_json_escapes_reaches_no_event_or_xcom(server, connect, context, leaks):
+    leaks.secret(ESCAPED_KEY)
+    server.on(RESULT, answer(200, record("SUCCEED", output={"answer": f"called with {ESCAPED_KEY}"})))
+    connect(server, password=ESCAPED_KEY)
+    event, _ = run_trigger(trigger_for("run-1"), 10)
+    assert event["status"] == "success", event
+    assert event["record"]["output"] == {"answer": "called with ***"}
+    output = returns(operator().execute, context)
+    assert output == {"answer": "called with ***"}

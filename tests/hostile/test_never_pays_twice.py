@@ -13,11 +13,13 @@ from airflow.providers.common.compat.sdk import AirflowFailException
 from airflow_provider_altabots.exceptions import (
     AltaBotsConfigError,
     AltaBotsInvokeUncertain,
+    AltaBotsStatusUnknown,
     AltaBotsTransientError,
 )
+from airflow_provider_altabots.operators.altabots import AltaBotsRunWorkflowOperator
 from tests.fake_api import accepted
-from tests.hostile.conftest import hook, operator, raises
-from tests.hostile.server import INVOKE, answer, api, close, corrupt_tls, reset
+from tests.hostile.conftest import hook, operator, raises, returns
+from tests.hostile.server import INVOKE, RESULT, answer, api, close, corrupt_tls, reset
 
 MODES = {
     "sync_invoke": {"sync_invoke": True},
@@ -125,3 +127,46 @@ def test_hook_refuses_nan_input_too(server, connect):
     connect(server)
     raises(AltaBotsConfigError, hook().invoke_workflow, {"x": math.nan})
     assert server.count() == 0
+
+
+# -- issue 19: a new try never pays for a second run after an odd answer about the stored one -----
+
+STORED = "run-old"
+
+ODD_ANSWERS_ABOUT_A_RUN = {
+    "proxy 408 page": answer(408, b"<html><body><h1>408 Request Timeout</h1></body></html>"),
+    "400 naming no run": answer(400, {"code": 40000, "message": "parameter error"}),
+    "busy code in a 200": answer(200, {"code": 50300, "message": "busy"}),
+    "gateway 404": answer(404, {"message": "Not Found"}),
+    "451 page": answer(451, b"unavailable for legal reasons"),
+}
+
+
+@pytest.mark.parametrize("deferrable", [False, True], ids=["worker", "deferrable"])
+@pytest.mark.parametrize("act", ODD_ANSWERS_ABOUT_A_RUN.values(), ids=ODD_ANSWERS_ABOUT_A_RUN)
+def test_an_odd_answer_about_the_stored_run_never_starts_a_second_one(
+    server, connect, context, act, deferrable
+):
+    context["task_state_store"].data[AltaBotsRunWorkflowOperator.external_id_key] = STORED
+    server.on(RESULT, act)  # a new invoke would be answered, and billed
+    connect(server)
+    error = raises(AltaBotsStatusUnknown, operator(deferrable=deferrable).execute, context)
+    assert STORED in error.message
+    assert error.run_id == STORED
+    assert server.count(INVOKE) == 0
+    assert server.count(RESULT) == 3  # ridden out: max_consecutive_failures checks
+    assert context["task_state_store"].data[AltaBotsRunWorkflowOperator.external_id_key] == STORED
+
+
+def test_the_stored_run_is_resumed_once_the_odd_answers_stop(server, connect, context):
+    context["task_state_store"].data[AltaBotsRunWorkflowOperator.external_id_key] = STORED
+    server.on(
+        RESULT,
+        ODD_ANSWERS_ABOUT_A_RUN["proxy 408 page"],
+        ODD_ANSWERS_ABOUT_A_RUN["busy code in a 200"],
+        api(),
+    )
+    server.statuses(STORED, "SUCCEED")
+    connect(server)
+    assert returns(operator().execute, context) == {"answer": "42"}
+    assert server.count(INVOKE) == 0

@@ -87,6 +87,27 @@ def test_a_deferrable_task_on_an_undescribed_plan_defers_at_once(emulator, run_d
     assert all(check["time"] - invoke["time"] >= 1.0 for check in checks)
 
 
+def test_a_test_that_switches_key_with_use_is_not_served_the_key_read_before(emulator, run_dag):
+    """
+    The plugin's use() points the connection at another key: the trigger of the next DAG run
+    must read it, not the key the provider's shared connection read kept from the run before.
+    """
+    emulator.set_workflow(API_KEY, run_seconds=1, pending_seconds=0.1)
+    assert run_dag("example_altabots_deferrable").dag_run.state == "success"
+    other = "sk-integration-switched-41d7"
+    emulator.set_workflow(other, run_seconds=1, pending_seconds=0.1)
+    emulator.use(other)
+    result = run_dag("example_altabots_deferrable")
+    assert result.dag_run.state == "success", result.plain[-2000:]
+    assert deferred(result.printed)
+    assert "not found" not in result.plain  # no check went out with the other key
+    assert result.ti("summarize_news").try_number == 1  # and no retry made up for one
+    last = emulator.requests()[-1]
+    assert last["path"] == "/v1/workflow/query/result"
+    sent = {name.lower(): value for name, value in last["headers"].items()}
+    assert sent["authorization"] == f"Bearer {other}"
+
+
 def test_poll_mode(emulator, run_dag):
     result = run_dag("example_altabots_poll")
     assert result.dag_run.state == "success"

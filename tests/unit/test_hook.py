@@ -278,3 +278,13 @@ def test_a_cancelled_wait_does_not_cancel_the_read_others_share(api):
         return await sharing
 
     assert asyncio.run(go()).url("/x") == f"{BASE_URL}/x"
+
+
+def test_a_connection_changed_in_the_environment_is_read_anew_at_once(api, monkeypatch):
+    """The shared read must not hand a test (or a task) the key the variable held a moment ago."""
+    assert asyncio.run(AltaBotsHook().aget_settings()).api_key == API_KEY
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_ALTABOTS_DEFAULT",
+        json.dumps({"conn_type": "altabots", "host": BASE_URL, "password": "sk-another-key-5566"}),
+    )
+    assert asyncio.run(AltaBotsHook().aget_settings()).api_key == "sk-another-key-5566"

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import subprocess
 import sys
 import time
@@ -312,9 +313,60 @@ def test_new_try_invokes_anew_when_the_old_run_cannot_be_read(api, context):
 
 def test_new_try_never_invokes_while_the_old_run_is_unreachable(api, context):
     api.on(RESULT, (503, b"down"))
-    with pytest.raises(AltaBotsTransientError):
+    with pytest.raises(AltaBotsStatusUnknown, match="run-old"):
         resume(context, None, deferrable=False, max_consecutive_failures=3).execute(context)
     assert api.count(INVOKE) == 0
+
+
+#: Answers about a stored run that prove nothing about it: only the API saying the run id is
+#: not found may lead to a new (billed) run.
+ODD_ANSWERS = {
+    "a proxy's 408 page": (408, b"<html><h1>408 Request Timeout</h1></html>"),
+    "a 400 that names no run": (400, {"code": 40000, "message": "parameter error"}),
+    "an error code in a 200": (200, {"code": 50300, "message": "busy"}),
+    "a gateway's 404": (404, {"message": "Not Found"}),
+    "a proxy's 404 page": (404, b"<html>404 Not Found</html>"),
+    "a 422 in the AltaBots shape": (422, {"error": {"code": "unprocessable", "message": "try later"}}),
+}
+
+
+@pytest.mark.parametrize("deferrable", [False, True], ids=["worker", "deferrable"])
+@pytest.mark.parametrize("odd", ODD_ANSWERS.values(), ids=ODD_ANSWERS)
+def test_new_try_never_invokes_after_an_odd_answer_about_the_stored_run(api, context, odd, deferrable):
+    api.on(RESULT, odd)
+    api.on(INVOKE, (200, accepted("run-new")))
+    with pytest.raises(AltaBotsStatusUnknown, match="run-old") as caught:
+        resume(context, None, deferrable=deferrable, max_consecutive_failures=3).execute(context)
+    assert "No new run is invoked" in str(caught.value)
+    assert api.count(INVOKE) == 0
+    assert api.count(RESULT) == 3  # ridden out like failed checks, within max_consecutive_failures
+    assert context["task_state_store"].data[STORE_KEY] == "run-old"
+
+
+def test_new_try_rides_out_odd_answers_and_resumes_the_stored_run(api, context):
+    api.on(RESULT, ODD_ANSWERS["a proxy's 408 page"], ODD_ANSWERS["an error code in a 200"])
+    api.on(RESULT, (200, record("SUCCEED", run_id="run-old")))
+    assert resume(context, None, deferrable=False).execute(context) == {"answer": "42"}
+    assert api.count(INVOKE) == 0
+
+
+@pytest.mark.parametrize(
+    "not_found",
+    [
+        (400, {"code": 40000, "message": "workflowRunId not found: run-old"}),
+        (
+            404,
+            {"error": {"code": "not_found", "message": "Workflow run run-old does not exist", "status": 404}},
+        ),
+        (200, {"code": 40000, "message": "no such workflowRunId"}),
+    ],
+)
+def test_only_the_api_saying_the_stored_run_is_not_found_starts_a_new_run(api, context, not_found):
+    api.on(RESULT, not_found, (200, record("SUCCEED", run_id="run-new")))
+    api.on(INVOKE, (200, accepted("run-new")))
+    assert resume(context, None, deferrable=False).execute(context) == {"answer": "42"}
+    assert api.count(INVOKE) == 1
+    assert context["task_state_store"].data[STORE_KEY] == "run-new"
 
 
 def test_durable_false_always_invokes(api, context):
@@ -370,7 +422,7 @@ def test_invoke_refused_connection_is_retried(api, context):
 def test_invoke_answered_429_frees_the_slot_and_invokes_again_when_the_budget_allows(api, context):
     limits = {"Retry-After": "20", "X-RateLimit-Limit": "30", "X-RateLimit-Remaining": "0"}
     api.on(INVOKE, (429, {"code": 42900, "message": "slow"}, limits), (200, accepted("run-r")))
-    task = operator(wait_for_termination=False)
+    task = operator(wait_for_termination=False, deferrable=True)
     before = time.time()
     with pytest.raises(TaskDeferred) as deferred:
         task.execute(context)
@@ -386,17 +438,110 @@ def test_invoke_answered_429_frees_the_slot_and_invokes_again_when_the_budget_al
     # A 429 started no run: no marker is left for a later try to mistake for a lost invoke.
     assert INVOKE_MARKER_KEY not in context["task_state_store"].data
     event = {"status": "budget_allows", "refused_since": trigger.refused_since}
-    assert operator(wait_for_termination=False).execute_after_rate_limit(context, event) == "run-r"
+    resumed = operator(wait_for_termination=False, deferrable=True)
+    assert resumed.execute_after_rate_limit(context, event) == "run-r"
     assert api.count(INVOKE) == 2
 
 
 def test_invoke_refused_for_longer_than_the_patience_fails_without_a_run(api, context):
     api.on(INVOKE, (429, {"code": 42900, "message": "slow"}))
     event = {"status": "budget_allows", "refused_since": time.time() - 901}
-    with pytest.raises(AltaBotsTransientError, match=r"refused this task's invoke for 90[0-9] s") as caught:
-        operator().execute_after_rate_limit(context, event)
+    with pytest.raises(AltaBotsTransientError, match=r"refused this task's requests for 90[0-9] s") as caught:
+        operator(deferrable=True).execute_after_rate_limit(context, event)
     assert caught.value.rate_limited
     assert INVOKE_MARKER_KEY not in context["task_state_store"].data
+
+
+@pytest.mark.parametrize(
+    "since",
+    [math.nan, math.inf, -math.inf, "soon", None, True, 3600.0],
+    ids=["nan", "inf", "-inf", "text", "missing", "bool", "an hour ahead"],
+)
+def test_a_budget_event_without_a_believable_first_refusal_invokes_nothing(api, context, since):
+    """Otherwise the task's patience never runs out: it would wait on a refused key for ever."""
+    api.on(INVOKE, (200, accepted("run-r")))
+    event = {"status": "budget_allows", "refused_since": time.time() + since if since == 3600.0 else since}
+    if since is None:
+        del event["refused_since"]
+    with pytest.raises(AltaBotsError, match="no run was started"):
+        operator(wait_for_termination=False).execute_after_rate_limit(context, event)
+    assert api.count(INVOKE) == 0
+
+
+def test_a_non_deferrable_task_waits_out_a_refused_invoke_in_its_slot(api, context):
+    """Without a triggerer to resume it, a deferral would never end: it waits where it runs."""
+    api.on(INVOKE, (429, {"code": 42900, "message": "slow"}, {"Retry-After": "2"}), (200, accepted("run-r")))
+    assert operator(deferrable=False, wait_for_termination=False).execute(context) == "run-r"
+    assert api.count(INVOKE) == 2
+    assert time.sleep.call_args.args[0] >= 2  # as the API asked
+
+
+def test_an_invoke_hint_beyond_the_patience_fails_at_once_without_deferring(api, context):
+    api.on(INVOKE, (429, {"code": 42900, "message": "slow"}, {"Retry-After": "3600"}))
+    with pytest.raises(AltaBotsTransientError, match="no run was started") as caught:
+        operator(deferrable=True, wait_for_termination=False).execute(context)
+    assert caught.value.rate_limited
+    assert api.count(INVOKE) == 1
+
+
+def test_a_record_read_after_the_trigger_waits_for_the_budget_not_in_the_slot(api, context):
+    """The record did not travel in the event (too large): the worker reads it, and a 429 there
+    hands the wait to the triggerer's budget instead of sleeping in the slot."""
+    slow = (429, {"code": 42900, "message": "slow"}, {"Retry-After": "3"})
+    api.on(RESULT, slow, (200, record("SUCCEED", run_id="run-d")))
+    with pytest.raises(TaskDeferred) as deferred:
+        operator(deferrable=True).execute_complete(context, {"status": "success", "run_id": "run-d"})
+    time.sleep.assert_not_called()
+    assert isinstance(deferred.value.trigger, AltaBotsBudgetTrigger)
+    assert deferred.value.method_name == "publish_after_rate_limit"
+    assert deferred.value.kwargs == {"run_id": "run-d"}
+    event = {"status": "budget_allows", "refused_since": deferred.value.trigger.refused_since}
+    output = operator(deferrable=True).publish_after_rate_limit(context, event, **deferred.value.kwargs)
+    assert output == {"answer": "42"}
+    assert context["ti"].xcom["workflow_run"]["workflowRunId"] == "run-d"
+    assert api.count(RESULT) == 2
+
+
+def test_a_new_try_of_a_deferrable_task_waits_for_the_budget_not_in_the_slot(api, context):
+    api.on(RESULT, (429, {"code": 42900, "message": "slow"}, {"Retry-After": "3"}))
+    api.on(RESULT, (200, record("RUNNING", run_id="run-old")))
+    with pytest.raises(TaskDeferred) as deferred:
+        resume(context, None, deferrable=True).execute(context)
+    time.sleep.assert_not_called()
+    assert isinstance(deferred.value.trigger, AltaBotsBudgetTrigger)
+    assert deferred.value.method_name == "execute_after_rate_limit"
+    event = {"status": "budget_allows", "refused_since": deferred.value.trigger.refused_since}
+    with pytest.raises(TaskDeferred) as again:
+        operator(deferrable=True).execute_after_rate_limit(context, event)
+    assert again.value.trigger.run_id == "run-old"  # the stored run, waited for again
+    assert api.count(INVOKE) == 0
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {
+            "status": "success",
+            "run_id": "run-b",
+            "message": "ok",
+            "record": record("SUCCEED", run_id="run-b"),
+        },
+        {"status": "success", "run_id": "run-b", "message": "ok"},
+        {"status": "failed", "run_id": "run-b", "message": "Workflow run run-b FAILED."},
+    ],
+    ids=["with its record", "without", "failed"],
+)
+def test_an_event_about_another_run_than_the_task_deferred_for_is_refused(api, context, event):
+    api.on(INVOKE, (200, accepted("run-a")))
+    with pytest.raises(TaskDeferred) as deferred:
+        operator(deferrable=True).execute(context)
+    assert deferred.value.kwargs == {"run_id": "run-a"}
+    with pytest.raises(AltaBotsError, match="run-b") as caught:
+        operator(deferrable=True).execute_complete(context, event, **deferred.value.kwargs)
+    assert "run-a" in str(caught.value)
+    assert caught.value.run_id == "run-a"
+    assert "workflow_run" not in context["ti"].xcom
+    assert api.count(RESULT) == 0
 
 
 @pytest.mark.parametrize("event", [None, {"status": "success"}, "budget_allows", {"status": "auth"}])
@@ -410,9 +555,9 @@ def test_killed_try_after_a_refused_invoke_invokes_again(api, context):
     """Issue 10: a try killed while deferred after 429s must not read as an unanswered invoke."""
     api.on(INVOKE, (429, {"code": 42900, "message": "slow"}), (200, accepted("run-k")))
     with pytest.raises(TaskDeferred):
-        operator(wait_for_termination=False).execute(context)
+        operator(wait_for_termination=False, deferrable=True).execute(context)
     # The task is killed while deferred; its next try starts from scratch.
-    assert operator(wait_for_termination=False).execute(context) == "run-k"
+    assert operator(wait_for_termination=False, deferrable=True).execute(context) == "run-k"
     assert api.count(INVOKE) == 2
 
 

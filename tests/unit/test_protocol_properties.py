@@ -345,6 +345,56 @@ def test_redirect_is_a_config_error_naming_status_and_host_only(
     assert QUERY_MARK not in text
 
 
+#: Keys of letters no fixed message text holds six of in a row, and the characters JSON escapes.
+ECHOED_KEYS = st.text(st.sampled_from('ABCDEFGHJKLMNPQRSTUVWXYZ23456789"\\_-=+/'), min_size=8, max_size=64)
+#: What an answer may surround the key with ("." and "*" left out: they would look like a cut or
+#: a hidden secret).
+FILLER = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E, exclude_characters=".*"), max_size=400)
+
+
+def _key_pieces(key: str) -> set[str]:
+    """Every 6-character piece of the key, as it is and as JSON and repr escape it."""
+    forms = {key, json.dumps(key)[1:-1], repr(key)[1:-1]}
+    return {form[i : i + 6] for form in forms for i in range(len(form) - 5)}
+
+
+@st.composite
+def echoing_answers(draw: st.DrawFn) -> tuple[str, bytes]:
+    """An answer that quotes the key at any place: in a code, a message, a page or a record."""
+    key = draw(ECHOED_KEYS)
+    text = draw(FILLER) + key + draw(FILLER)
+    shape = draw(st.sampled_from(["code", "message", "altabots", "page", "record"]))
+    body = {
+        "code": {"code": text, "message": "refused"},
+        "message": {"code": 40000, "message": text},
+        "altabots": {"error": {"code": text, "message": text}},
+        "record": {"workflowRunId": "run-1", "status": "SUCCEED", "output": {text: [text]}},
+    }.get(shape)
+    return key, text.encode() if body is None else json.dumps(body).encode()
+
+
+@FAST
+@given(answer=echoing_answers(), status=st.sampled_from([200, 400, 401, 404, 429, 500, 502]))
+def test_an_echoed_key_reaches_no_message_and_no_result_whole_or_in_part(answer, status):
+    """
+    Wherever an answer quotes the key, and however its message is cut: no 6-character piece of
+    the key is in the message, no cut ends in the key's first characters, and a result holds
+    the key nowhere.
+    """
+    key, body = answer
+    try:
+        result = protocol.read_answer(RESULT_REQUEST, status, {}, body, secrets=(key,))
+    except AltaBotsError as error:
+        text = str(error)
+        assert not {piece for piece in _key_pieces(key) if piece in text}, text
+        for cut in re.finditer(re.escape("..."), text):
+            before = text[: cut.start()]
+            assert not any(before.endswith(key[:size]) for size in range(1, len(key) + 1)), text
+        return
+    dumped = json.dumps(result)
+    assert not any(form in dumped for form in (key, json.dumps(key)[1:-1])), dumped
+
+
 # --------------------------------------------------------------------------------------------
 # 2. retry_after
 # --------------------------------------------------------------------------------------------

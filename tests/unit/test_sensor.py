@@ -98,3 +98,18 @@ def test_empty_run_id_fails_before_any_request(api, context, run_id):
 def test_bad_intervals_fail_at_dag_parse():
     with pytest.raises(AltaBotsConfigError):
         sensor(max_consecutive_failures=0)
+
+
+def test_a_deferrable_sensor_reads_a_record_after_a_429_on_the_triggerer_not_in_its_slot(api, context):
+    from airflow_provider_altabots.triggers.altabots import AltaBotsBudgetTrigger
+
+    api.on(RESULT, (429, {"code": 42900, "message": "slow"}, {"Retry-After": "3"}), (200, record("SUCCEED")))
+    with pytest.raises(TaskDeferred) as deferred:
+        sensor(deferrable=True).execute_complete(context, {"status": "success", "run_id": "run-1"})
+    time.sleep.assert_not_called()
+    assert isinstance(deferred.value.trigger, AltaBotsBudgetTrigger)
+    event = {"status": "budget_allows", "refused_since": deferred.value.trigger.refused_since}
+    resumed = sensor(deferrable=True).resume_execution(
+        deferred.value.method_name, {"event": event, **deferred.value.kwargs}, context
+    )
+    assert resumed == {"answer": "42"}

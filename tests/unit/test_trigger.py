@@ -62,17 +62,20 @@ def test_success_event_carries_the_record(api):
     assert api.count(RESULT) == 3
 
 
-@pytest.mark.parametrize(
-    "output",
-    [{"text": "x" * EVENT_RECORD_MAX_BYTES}, {"echo": f"the key was {API_KEY}"}],
-    ids=["larger-than-the-cap", "echoes-the-key"],
-)
-def test_success_event_leaves_out_a_record_too_large_or_holding_the_key(api, output):
-    api.on(RESULT, (200, record("SUCCEED", output=output)))
+def test_success_event_leaves_out_a_record_too_large(api):
+    api.on(RESULT, (200, record("SUCCEED", output={"text": "x" * EVENT_RECORD_MAX_BYTES})))
     event = first_event(AltaBotsWorkflowRunTrigger("run-1", **FAST))
     assert event["status"] == "success"
     assert "record" not in event  # the worker reads it instead
     assert len(json.dumps(event)) < 300
+
+
+def test_a_record_that_echoes_the_key_travels_with_the_key_hidden(api):
+    api.on(RESULT, (200, record("SUCCEED", output={"echo": f"the key was {API_KEY}"})))
+    event = first_event(AltaBotsWorkflowRunTrigger("run-1", **FAST))
+    assert event["status"] == "success"
+    assert event["record"]["output"] == {"echo": "the key was ***"}
+    assert API_KEY not in json.dumps(event)
 
 
 def test_failed_run_event_names_run_and_api_message(api):
@@ -293,3 +296,37 @@ def test_budget_trigger_reports_a_missing_connection(monkeypatch):
     event = first_event(trigger)
     assert event["status"] == "config"
     assert "no_such_conn" in event["message"]
+
+
+def _first_event_within(trigger, seconds: float) -> dict:
+    async def go():
+        return await asyncio.wait_for(anext(trigger.run()), seconds)
+
+    try:
+        return asyncio.run(go()).payload
+    except TimeoutError:
+        raise AssertionError(f"the trigger fired no event within {seconds:.0f} s") from None
+
+
+def test_budget_trigger_fires_by_its_deadline_whatever_the_hint_says(api):
+    """A refusal's hint may say an hour: the task's patience ends sooner, and so does the wait."""
+    from airflow_provider_altabots.triggers.altabots import AltaBotsBudgetTrigger
+
+    now = time.time()
+    trigger = AltaBotsBudgetTrigger(
+        refused_since=now, not_before=now + 3600, retry_at=now + 3600, deadline=now + 0.5
+    )
+    event = _first_event_within(trigger, 60)
+    assert event["status"] == "transient", event
+    assert "no run was started" in event["message"]
+    assert api.calls == []
+
+
+def test_budget_trigger_never_says_the_budget_allows_without_a_turn(api):
+    from airflow_provider_altabots.triggers.altabots import AltaBotsBudgetTrigger
+
+    now = time.time()
+    trigger = AltaBotsBudgetTrigger(refused_since=now, not_before=now, retry_at=now + 60, deadline=now + 0.3)
+    event = _first_event_within(trigger, 60)
+    assert event["status"] != "budget_allows", event
+    assert event["status"] == "transient"
