@@ -97,7 +97,9 @@ class BudgetEvent(TypedDict):
 # -- building events (on the triggerer) ------------------------------------------------------------
 
 
-def success_event(run_id: str, checks: int, record: dict[str, Any]) -> RunEvent:
+def success_event(
+    run_id: str, checks: int, record: dict[str, Any], *, secrets: tuple[str, ...] = ()
+) -> RunEvent:
     """
     The event of a run that ended with ``SUCCEED``.
 
@@ -105,13 +107,15 @@ def success_event(run_id: str, checks: int, record: dict[str, Any]) -> RunEvent:
     :param record: the run's record, as the hook read it (an answer that echoes the API key
         has it replaced by ``***`` then); it travels in the event unless :func:`event_record`
         keeps it out.
+    :param secrets: what the event must not hold (the API key), in any of its forms: the
+        database keeps the event, so it is the last place to hide them.
     """
     event = RunEvent(
         status=SUCCESS_EVENT_STATUS,
         run_id=run_id,
         message=f"Workflow run {run_id} ended with SUCCEED after {checks} checks.",
     )
-    carried = event_record(record)
+    carried = event_record(record, secrets=secrets)
     if carried is not None:
         event["record"] = carried
     return event
@@ -134,15 +138,18 @@ def budget_allows_event(refused_since: float) -> BudgetEvent:
     return BudgetEvent(status=BUDGET_ALLOWS_EVENT_STATUS, refused_since=refused_since)
 
 
-def event_record(record: dict[str, Any] | None) -> dict[str, Any] | None:
+def event_record(record: dict[str, Any] | None, *, secrets: tuple[str, ...] = ()) -> dict[str, Any] | None:
     """
     The record to carry in a success event, or ``None`` when it is larger than
-    :data:`EVENT_RECORD_MAX_BYTES` as JSON (the worker then reads it).
+    :data:`EVENT_RECORD_MAX_BYTES` as JSON (the worker then reads it). ``secrets`` are replaced
+    by ``***`` in a copy (see :func:`~airflow_provider_altabots.protocol.hide_secrets_in`).
     """
     if record is None:
         return None
     text = json.dumps(record, separators=(",", ":"), default=str)
-    return None if len(text.encode()) > EVENT_RECORD_MAX_BYTES else record
+    if len(text.encode()) > EVENT_RECORD_MAX_BYTES:
+        return None
+    return protocol.hide_secrets_in(json.loads(text), secrets) if secrets else record
 
 
 # -- reading events (on the worker) ------------------------------------------------------------------

@@ -116,7 +116,10 @@ class AltaBotsWorkflowRunTrigger(BaseTrigger):
         except AltaBotsError as error:
             yield TriggerEvent(events.error_event(error, self.run_id))
             return
-        yield TriggerEvent(events.success_event(self.run_id, watch.checks, record))
+        settings = await hook.aget_settings()
+        yield TriggerEvent(
+            events.success_event(self.run_id, watch.checks, record, secrets=(settings.api_key,))
+        )
 
 
 class AltaBotsBudgetTrigger(BaseTrigger):

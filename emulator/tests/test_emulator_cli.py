@@ -34,9 +34,10 @@ def _environment() -> dict[str, str]:
     return env
 
 
-def _start_cli(*args: str) -> tuple[subprocess.Popen[str], str]:
+def _start_cli(*args: str, stdin: int | None = None) -> tuple[subprocess.Popen[str], str]:
     process = subprocess.Popen(
         [sys.executable, "-m", "altabots_emulator", "--port", "0", *args],
+        stdin=stdin,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -44,7 +45,7 @@ def _start_cli(*args: str) -> tuple[subprocess.Popen[str], str]:
     )
     assert process.stdout is not None
     with ThreadPoolExecutor(1) as pool:
-        line = pool.submit(process.stdout.readline).result(timeout=30)
+        line = pool.submit(process.stdout.readline).result(timeout=60)
     return process, line
 
 
@@ -87,17 +88,8 @@ def test_cli_stops_on_sigint_and_uses_the_default_key() -> None:
 
 
 def _start_with_stdin(*args: str) -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "altabots_emulator", "--port", "0", *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_environment(),
-    )
-    assert process.stdout is not None
-    with ThreadPoolExecutor(1) as pool:
-        line = pool.submit(process.stdout.readline).result(timeout=60)
+    """The command with a pipe as its stdin; returns it and the URL it listens on."""
+    process, line = _start_cli(*args, stdin=subprocess.PIPE)
     assert line.startswith("altabots-emulator listening on http://127.0.0.1:"), line
     return process, line.strip().rsplit(" ", 1)[-1]
 

@@ -330,3 +330,16 @@ def test_budget_trigger_never_says_the_budget_allows_without_a_turn(api):
     event = _first_event_within(trigger, 60)
     assert event["status"] != "budget_allows", event
     assert event["status"] == "transient"
+
+
+def test_the_success_event_hides_the_key_in_any_form_even_in_a_record_read_elsewhere():
+    """The event is the last place before the database: it hides the key by itself too."""
+    from airflow_provider_altabots import events
+
+    key = 'Tq4"Wn8\\Zr2Kd6Lp9'
+    record = {"workflowRunId": "run-1", "status": "SUCCEED", "output": {"a": key, key: [f"x{key}x"]}}
+    event = events.success_event("run-1", 3, record, secrets=(key,))
+    assert event["record"]["output"] == {"a": "***", "***": ["x***x"]}
+    assert key not in json.dumps(event)
+    assert json.dumps(key)[1:-1] not in json.dumps(event)
+    assert record["output"]["a"] == key  # the caller's record is left as it was
