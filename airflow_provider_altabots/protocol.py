@@ -40,6 +40,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
+from itertools import accumulate
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -951,9 +952,31 @@ def _lower_keys(headers: Mapping[str, str]) -> dict[str, str]:
     return {str(key).lower(): value for key, value in headers.items()}
 
 
+#: The deepest nesting of an answer's JSON that is parsed; a deeper body is read as no JSON at
+#: all. Python's parser would otherwise descend to the interpreter's recursion limit, and any
+#: finalizer the garbage collector runs at that depth (on a triggerer, another trigger's) fails.
+MAX_JSON_DEPTH = 256
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+#: Maps ``[`` and ``{`` to +1 and ``]`` and ``}`` to -1 (as signed bytes); every other byte is
+#: deleted by :func:`_nests_too_deeply`.
+_BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+_NOT_BRACKETS = bytes(set(range(256)) - set(b"[{]}"))
+
+
+def _nests_too_deeply(body: bytes) -> bool:
+    """Whether ``body`` opens more than :data:`MAX_JSON_DEPTH` arrays or objects at once."""
+    if body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:
+        return False
+    steps = _JSON_STRING.sub(b"", body).translate(_BRACKET_STEPS, _NOT_BRACKETS)
+    return max(accumulate(memoryview(steps).cast("b")), default=0) > MAX_JSON_DEPTH
+
+
 def _json_object(body: bytes) -> dict[str, Any] | None:
+    if not body or _nests_too_deeply(body):
+        return None
     try:
-        data = json.loads(body) if body else None
+        data = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     return data if isinstance(data, dict) else None

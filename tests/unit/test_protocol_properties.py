@@ -400,6 +400,84 @@ def test_an_echoed_key_reaches_no_message_and_no_result_whole_or_in_part(answer,
 # --------------------------------------------------------------------------------------------
 
 
+def _depth(value: Any) -> int:
+    pending, deepest = [(value, 0)], 0
+    while pending:
+        node, depth = pending.pop()
+        if isinstance(node, dict | list):
+            depth += 1
+            deepest = max(deepest, depth)
+            pending.extend((child, depth) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+#: JSON objects whose strings are full of brackets and escapes, which must not count as nesting.
+BRACKETY_TEXT = st.text(alphabet='[]{}"\\ab', max_size=12)
+NESTED_OBJECTS = st.dictionaries(
+    BRACKETY_TEXT,
+    st.recursive(
+        st.none() | st.integers() | BRACKETY_TEXT,
+        lambda children: (
+            st.lists(children, max_size=3) | st.dictionaries(BRACKETY_TEXT, children, max_size=3)
+        ),
+        max_leaves=12,
+    ),
+    max_size=3,
+)
+
+
+@FAST
+@given(value=NESTED_OBJECTS, extra=st.integers(0, 2 * protocol.MAX_JSON_DEPTH))
+def test_a_json_object_is_read_as_written_up_to_the_depth_limit_and_never_beyond(value, extra):
+    """Nesting is counted outside strings only: any object up to the limit reads back whole, none beyond."""
+    wrapped: Any = value
+    for level in range(extra):
+        wrapped = {"[": wrapped} if level % 2 else [wrapped]
+    outer = {"{": wrapped}
+    body = json.dumps(outer).encode()
+    read = protocol._json_object(body)
+    if _depth(outer) <= protocol.MAX_JSON_DEPTH:
+        assert read == outer
+    else:
+        assert read is None
+
+
+def test_a_deep_body_is_refused_without_leaving_a_finalizer_short_of_stack():
+    """
+    A body nested 200,000 deep is read as no JSON before the parser descends: the garbage
+    collector, which may run at any allocation, finds the stack as deep as it was.
+
+    Before, the parser went down to the recursion limit, a collection ran there, and the
+    finalizers it called (another trigger's objects, on a triggerer) failed with RecursionError.
+    """
+    import gc
+
+    def descend(levels: int) -> int:
+        return 0 if levels == 0 else descend(levels - 1) + 1
+
+    short_of_stack = []
+
+    def probe(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            try:
+                descend(50)
+            except RecursionError:
+                short_of_stack.append(info["generation"])
+
+    depth = 200_000
+    thresholds = gc.get_threshold()
+    gc.callbacks.append(probe)
+    gc.set_threshold(1)
+    try:
+        for body in (b'{"code":' * depth + b"1" + b"}" * depth, _nested_arrays(depth)):
+            with pytest.raises(AltaBotsError):
+                protocol.read_answer(RESULT_REQUEST, 400, {}, body)
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.callbacks.remove(probe)
+    assert short_of_stack == [], f"{len(short_of_stack)} collections ran with no stack left for a finalizer"
+
+
 @FAST
 @given(headers=HEADERS, now=st.floats(min_value=0, max_value=4e9))
 @example(headers={"Retry-After": "nan"}, now=1.7e9)
